@@ -1,0 +1,299 @@
+"""The ``dalle`` command line: a thin layer over the Python API (shared/INTERFACE.md).
+
+Every subcommand imports what it needs lazily, so ``dalle --help`` is instant.  Bad
+input ends with one line on stderr and a non-zero status, never a traceback
+(set ``DALLE_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+
+
+class UsageError(ValueError):
+    """Bad input from the user; the message says what to fix."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the interface promises one line on stderr)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --- argument types ----------------------------------------------------------------
+
+
+def _bounded(kind: type, low: float | None = None, high: float | None = None, name: str = "value") -> Callable[[str], object]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"{name} must be in {span}, got {text}")
+        return value
+
+    return parse
+
+
+def _region(text: str) -> tuple[int, int]:
+    try:
+        row, col = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--region takes ROW,COL (two integers), got {text!r}") from None
+    if row < 0 or col < 0:
+        raise argparse.ArgumentTypeError(f"--region ROW,COL must be non-negative, got {text!r}")
+    return row, col
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, with_sampling: bool = True) -> None:
+    p.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--candidates", type=_bounded(int, 1, 4096, "--candidates"), default=32,
+                   help="images sampled per prompt before reranking (default 32)")
+    p.add_argument("--keep", type=_bounded(int, 1, 4096, "--keep"), default=4, help="best images kept per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
+    p.add_argument("--batch-size", type=_bounded(int, 1, 4096, "--batch-size"), default=None,
+                   help="candidates sampled at once (default: all)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    if with_sampling:
+        p.add_argument("--temperature", type=_bounded(float, 1e-3, 10.0, "--temperature"), default=1.0)
+        p.add_argument("--top-k", type=_bounded(int, 1, None, "--top-k"), default=None)
+        p.add_argument("--top-p", type=_bounded(float, 1e-6, 1.0, "--top-p"), default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dalle", description="DALL-E: text-to-image generation, training and evaluation.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate images from prompts with a trained model")
+    g.add_argument("prompt", nargs="*", help="one or more prompts")
+    g.add_argument("--prompts", type=Path, default=None, help="a file with one prompt a line")
+    _add_sampling_options(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("complete", help="regenerate part of an image, consistent with a caption")
+    c.add_argument("image", type=Path)
+    c.add_argument("prompt")
+    which = c.add_mutually_exclusive_group(required=True)
+    which.add_argument("--keep-rows", type=_bounded(int, 0, None, "--keep-rows"), help="keep the top R token rows")
+    which.add_argument("--region", type=_region, help="regenerate from token (ROW,COL) to the bottom-right corner")
+    _add_sampling_options(c)
+    c.set_defaults(func=cmd_complete)
+
+    d = sub.add_parser("data", help="make data sets")
+    dsub = d.add_subparsers(dest="data_command", metavar="DATASET", required=True, parser_class=_Parser)
+    s = dsub.add_parser("shapes", help="write the shapes set (shared/SHAPES.md) as PNG + TXT pairs")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--count", type=_bounded(int, 1, None, "--count"), required=True)
+    s.add_argument("--split", choices=["train", "val", "test"], default="train")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=_bounded(int, 1, 64, "--workers"), default=None)
+    s.set_defaults(func=cmd_data_shapes)
+
+    t = sub.add_parser("train", help="train a component, or all of them in order")
+    t.add_argument("component", choices=["tokenizer", "dvae", "transformer", "clip", "all"])
+    t.add_argument("--data", required=True, help="data folder (image+txt pairs, COCO, WebDataset shards) or 'shapes'")
+    t.add_argument("--out", type=Path, required=True, help="model folder to write (and resume from)")
+    t.add_argument("--preset", default="shapes", help="config preset (default shapes)")
+    budget = t.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=_bounded(int, 1, None, "--steps"), default=None)
+    budget.add_argument("--minutes", type=_bounded(float, 0.01, None, "--minutes"), default=None)
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--device", default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a model folder and write JSON")
+    e.add_argument("--model", type=Path, default=None)
+    e.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    e.add_argument("--prompts-per-category", type=_bounded(int, 1, None, "--prompts-per-category"), default=20)
+    e.add_argument("--candidates", type=_bounded(int, 1, 4096, "--candidates"), default=32)
+    e.add_argument("--device", default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="describe a model folder or a preset")
+    which = i.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path)
+    which.add_argument("--preset")
+    i.set_defaults(func=cmd_info)
+
+    w = sub.add_parser("serve", help="start the local web page")
+    w.add_argument("--model", type=Path, default=None)
+    w.add_argument("--host", default="127.0.0.1")
+    w.add_argument("--port", type=_bounded(int, 1, 65535, "--port"), default=7860)
+    w.add_argument("--device", default=None)
+    w.set_defaults(func=cmd_serve)
+    return parser
+
+
+# --- commands ----------------------------------------------------------------------
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = [p for p in args.prompt]
+    if args.prompts is not None:
+        if not args.prompts.is_file():
+            raise UsageError(f"--prompts file {args.prompts} does not exist")
+        prompts += [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError("give at least one prompt, e.g. dalle generate \"a red circle\"")
+    if any(not p.strip() for p in prompts):
+        raise UsageError("a prompt is empty; write what the image should show")
+    return prompts
+
+
+def _check_keep(args: argparse.Namespace) -> None:
+    if args.keep > args.candidates:
+        raise UsageError(f"--keep {args.keep} is more than --candidates {args.candidates}")
+
+
+def _load_pipeline(args: argparse.Namespace):
+    from dalle.pipeline import DallePipeline
+
+    return DallePipeline.from_pretrained(args.model, device=args.device)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(candidates=args.candidates, keep=args.keep, seed=args.seed, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dalle.pipeline import write_results
+
+    prompts = _read_prompts(args)
+    _check_keep(args)
+    pipe = _load_pipeline(args)
+    results = [pipe(prompt, progress=True, **_sampling_kwargs(args)) for prompt in prompts]
+    manifest = write_results(results, args.out)
+    print(f"wrote {sum(len(r.images) for r in results)} images for {len(prompts)} prompt(s) to {args.out} ({manifest.name})")
+    return 0
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    from dalle.pipeline import load_user_image, write_results
+
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty; write what the image should show")
+    _check_keep(args)
+    image = load_user_image(args.image)
+    pipe = _load_pipeline(args)
+    result = pipe.complete(image, args.prompt, keep_rows=args.keep_rows, region=args.region, progress=True,
+                           **_sampling_kwargs(args))
+    manifest = write_results([result], args.out)
+    print(f"wrote {len(result.images)} completions to {args.out} ({manifest.name})")
+    return 0
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from dalle.data.shapes import write_shapes
+
+    kwargs = {} if args.workers is None else {"workers": args.workers}
+    write_shapes(args.out, args.count, split=args.split, seed=args.seed, **kwargs)
+    print(f"wrote {args.count} {args.split} images to {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dalle.train import train_component
+
+    out = train_component(args.component, data=args.data, out=args.out, preset=args.preset, steps=args.steps,
+                          minutes=args.minutes, resume=args.resume, device=args.device, seed=args.seed)
+    print(f"trained {args.component}: {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dalle.evaluation.suite import evaluate_model, format_report
+
+    report = evaluate_model(args.model, prompts_per_category=args.prompts_per_category, candidates=args.candidates,
+                            device=args.device, seed=args.seed, progress=True)
+    print(format_report(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dalle.info import describe_model, describe_preset
+
+    lines = describe_preset(args.preset) if args.preset else describe_model(args.model)
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dalle.serve import serve
+
+    serve(model=args.model, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
+# --- entry point -------------------------------------------------------------------
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from dalle.config import ConfigError
+    from dalle.io import ModelLoadError
+
+    errors: list[type[BaseException]] = [UsageError, ConfigError, ModelLoadError, FileNotFoundError, NotADirectoryError]
+    try:
+        from dalle.data.datasets import BadImageError, DataError
+
+        errors += [BadImageError, DataError]
+    except ImportError:
+        pass
+    try:
+        from dalle.training.state import NonFiniteError
+
+        errors.append(NonFiniteError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from dalle import __version__
+
+        print(__version__)
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    debug = bool(os.environ.get("DALLE_DEBUG"))
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's one place that turns errors into a line
+        if debug:
+            raise
+        if isinstance(e, _user_errors()) or isinstance(e, ValueError):
+            print(f"dalle {args.command}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"dalle {args.command}: internal error: {type(e).__name__}: {e} (set DALLE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Text-to-image generation end to end: tokenize, sample, decode, rerank.
+
+``DallePipeline`` holds the four trained parts of a model folder (diffusers-style:
+``tokenizer/``, ``dvae/``, ``transformer/``, ``clip/``) and turns a prompt into
+images ranked by CLIP, or completes part of an existing image.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dalle.clip import CLIP
+from dalle.dvae import DiscreteVAE
+from dalle.io import ModelLoadError
+from dalle.sampling import generate_images_tokens, keep_rows_mask, region_mask
+from dalle.tokenizer import TextTokenizer
+from dalle.transformer import DalleTransformer
+
+COMPONENTS = ("tokenizer", "dvae", "transformer", "clip")
+
+
+def bundled_model_dir() -> Path:
+    """The small shapes model shipped inside the package (the default ``--model``)."""
+    return Path(str(resources.files("dalle") / "bundled"))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class GenerationResult:
+    """Kept images of one prompt, best first, with their CLIP scores."""
+
+    prompt: str
+    images: list[Image.Image]
+    scores: list[float]
+    seed: int
+    all_scores: list[float] = field(default_factory=list)  # every candidate, in sampling order
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [0, 1] -> RGB PIL images."""
+    arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a, "RGB") for a in arrays]
+
+
+def pil_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """A PIL image, centre-cropped to a square and resized, as [1, 3, size, size] in [0, 1]."""
+    image = image.convert("RGB")
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != size:
+        image = image.resize((size, size), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+
+
+def load_user_image(path: str | Path) -> Image.Image:
+    """Open an image given by a user, with an error that says what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        from dalle.data.datasets import load_image
+
+        return load_image(path)
+    except ImportError:  # pragma: no cover - the data package is part of the install
+        return Image.open(path).convert("RGB")
+
+
+class DallePipeline:
+    """Prompt -> ranked images.  Build with :meth:`from_pretrained`."""
+
+    def __init__(self, tokenizer: TextTokenizer, dvae: DiscreteVAE, transformer: DalleTransformer,
+                 clip: CLIP | None = None, device: str | torch.device | None = None):
+        self.device = torch.device(device or default_device())
+        self.tokenizer = tokenizer
+        self.dvae = dvae.to(self.device).eval()
+        self.transformer = transformer.to(self.device).eval()
+        self.clip = clip.to(self.device).eval() if clip is not None else None
+        grid = self.transformer.config.image_grid
+        if self.dvae.grid_size != grid:
+            raise ModelLoadError(f"the dVAE makes {self.dvae.grid_size}x{self.dvae.grid_size} tokens "
+                                 f"but the transformer expects {grid}x{grid}")
+
+    # --- folders -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path | None = None, device: str | torch.device | None = None) -> "DallePipeline":
+        folder = Path(folder) if folder is not None else bundled_model_dir()
+        if not folder.is_dir():
+            raise ModelLoadError(f"model folder {folder} does not exist (train one with: dalle train all --data DIR --out {folder})")
+        missing = [c for c in COMPONENTS[:3] if not (folder / c).is_dir()]
+        if missing:
+            raise ModelLoadError(f"model folder {folder} lacks {', '.join(missing)}/ (train it with dalle train ... --out {folder})")
+        device = device or default_device()
+        tokenizer = TextTokenizer.from_pretrained(folder / "tokenizer")
+        dvae = DiscreteVAE.from_pretrained(folder / "dvae", device=device)
+        transformer = DalleTransformer.from_pretrained(folder / "transformer", device=device)
+        clip = CLIP.from_pretrained(folder / "clip", device=device) if (folder / "clip").is_dir() else None
+        return cls(tokenizer, dvae, transformer, clip, device=device)
+
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+        folder = Path(folder)
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        self.dvae.save_pretrained(folder / "dvae", dtype=dtype)
+        self.transformer.save_pretrained(folder / "transformer", dtype=dtype)
+        if self.clip is not None:
+            self.clip.save_pretrained(folder / "clip", dtype=dtype)
+        return folder
+
+    @property
+    def image_size(self) -> int:
+        return self.dvae.config.image_size
+
+    @property
+    def grid(self) -> int:
+        return self.transformer.config.image_grid
+
+    # --- generation ----------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty; write what the image should show")
+        ids, cut = self.tokenizer.encode_with_info(prompt)
+        if cut:
+            warnings.warn(f"prompt truncated: {cut} token(s) past the model's {self.tokenizer.text_len} were dropped",
+                          stacklevel=3)
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def _sample(self, prompt: str, candidates: int, keep: int, seed: int, temperature: float, top_k: int | None,
+                top_p: float | None, batch_size: int | None, known: torch.Tensor | None, keep_mask: torch.Tensor | None,
+                progress: bool) -> GenerationResult:
+        if not 1 <= keep <= candidates:
+            raise ValueError(f"keep must be between 1 and candidates ({candidates}), got {keep}")
+        text = self.encode_prompt(prompt)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        batch_size = batch_size or candidates
+        images, scores = [], []
+        batches = range(0, candidates, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=f"sampling {prompt[:30]!r}", unit="batch", leave=False)
+        for start in batches:
+            n = min(batch_size, candidates - start)
+            tokens = generate_images_tokens(
+                self.transformer, text.expand(n, -1), temperature=temperature, top_k=top_k, top_p=top_p,
+                generator=generator,
+                known_tokens=None if known is None else known.expand(n, -1, -1),
+                keep_mask=keep_mask,
+            )
+            pixels = self.dvae.decode(tokens).float()
+            images.append(pixels)
+            if self.clip is not None:
+                scores.append(self.clip.score(text, pixels).float())
+        pixels = torch.cat(images)
+        if self.clip is not None:
+            all_scores = torch.cat(scores)
+            order = torch.argsort(all_scores, descending=True, stable=True)[:keep]
+        else:  # no reranker: keep sampling order
+            all_scores = torch.zeros(candidates, device=pixels.device)
+            order = torch.arange(keep, device=pixels.device)
+        kept = tensor_to_pil(pixels[order])
+        return GenerationResult(prompt, kept, all_scores[order].tolist(), seed, all_scores.tolist())
+
+    def __call__(self, prompt: str, candidates: int = 32, keep: int = 4, seed: int = 0, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, batch_size: int | None = None,
+                 progress: bool = False) -> GenerationResult:
+        """Sample ``candidates`` images for ``prompt`` and keep the ``keep`` CLIP ranks best."""
+        return self._sample(prompt, candidates, keep, seed, temperature, top_k, top_p, batch_size, None, None, progress)
+
+    def image_tokens(self, image: Image.Image) -> torch.Tensor:
+        """An image cut to the model's token grid: [1, grid, grid]."""
+        return self.dvae.encode(pil_to_tensor(image, self.image_size).to(self.device))
+
+    def complete(self, image: Image.Image, prompt: str, keep_rows: int | None = None,
+                 region: tuple[int, int] | None = None, candidates: int = 32, keep: int = 4, seed: int = 0,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 batch_size: int | None = None, progress: bool = False) -> GenerationResult:
+        """Regenerate the top-``keep_rows``-kept image, or the rectangle from ``region`` to the bottom-right."""
+        if (keep_rows is None) == (region is None):
+            raise ValueError("give exactly one of keep_rows or region")
+        if keep_rows is not None:
+            if not 0 <= keep_rows < self.grid:
+                raise ValueError(f"keep_rows must be in [0, {self.grid - 1}] for a {self.grid}x{self.grid} token grid, got {keep_rows}")
+            mask = keep_rows_mask(self.grid, keep_rows)
+        else:
+            row, col = region
+            if not (0 <= row < self.grid and 0 <= col < self.grid):
+                raise ValueError(f"region ROW,COL must be inside the {self.grid}x{self.grid} token grid, got {row},{col}")
+            mask = region_mask(self.grid, row, col)
+        known = self.image_tokens(image)
+        return self._sample(prompt, candidates, keep, seed, temperature, top_k, top_p, batch_size, known,
+                            mask.to(self.device), progress)
+
+
+def write_results(results: Sequence[GenerationResult], out: str | Path) -> Path:
+    """Write kept images as PNG, one grid a prompt, and ``manifest.jsonl`` (shared/INTERFACE.md)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / "manifest.jsonl"
+    with open(manifest, "w", encoding="utf-8") as f:
+        for p_index, result in enumerate(results):
+            stem = _slug(result.prompt)
+            for rank, (image, score) in enumerate(zip(result.images, result.scores)):
+                name = f"{stem}_{p_index:03d}_s{result.seed}_r{rank}.png"
+                image.save(out / name)
+                f.write(json.dumps({"prompt": result.prompt, "file": name, "rank": rank, "clip_score": float(score),
+                                    "seed": result.seed}) + "\n")
+            make_grid(result.images).save(out / f"{stem}_{p_index:03d}_s{result.seed}_grid.png")
+    return manifest
+
+
+def make_grid(images: Sequence[Image.Image], columns: int | None = None, pad: int = 2) -> Image.Image:
+    columns = columns or min(len(images), 8)
+    rows = (len(images) + columns - 1) // columns
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), (64, 64, 64))
+    for i, image in enumerate(images):
+        grid.paste(image, (pad + (i % columns) * (w + pad), pad + (i // columns) * (h + pad)))
+    return grid
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    slug = "".join(ch if ch.isalnum() else "_" for ch in text.lower()).strip("_")
+    while "__" in slug:
+        slug = slug.replace("__", "_")
+    return slug[:limit] or "prompt"

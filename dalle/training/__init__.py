@@ -1,0 +1,1 @@
+"""Training loops, one per component, and the shared state they checkpoint."""

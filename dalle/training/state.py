@@ -1,0 +1,279 @@
+"""What every training loop shares: schedules, the weight average, checkpoints for exact resume.
+
+Exact resume means an interrupted run, resumed, ends with the same weights as one
+never interrupted (bitwise on the CPU).  The loops make that possible by drawing the
+batch of step ``s`` from ``(seed, s)`` alone, so a checkpoint only needs the step,
+the weights, the optimizer, the weight average and the random states.
+
+A checkpoint is a folder ``step_00001234/`` holding ``state.safetensors`` and
+``state.json`` (the step, the loop's extra values, the non-tensor optimizer state,
+the Python and NumPy random states and the SHA-256 of the tensor file).  It is
+written under a temporary name and renamed, so a crash mid-write leaves the last
+good checkpoint in place; a corrupted one is detected by its checksum and skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dalle.io import ModelLoadError, check_state_dict, file_sha256, load_tensors, save_tensors
+
+# --- schedules -------------------------------------------------------------------
+
+
+def cosine(step: int, total: int, start: float, end: float) -> float:
+    """Cosine interpolation from ``start`` (step 0) to ``end`` (step ``total`` and after)."""
+    if total <= 0:
+        return end
+    t = min(max(step / total, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def warmup_cosine(step: int, total: int, warmup: int, peak: float, final: float = 0.0) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to ``final``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return cosine(step - warmup, max(total - warmup, 1), peak, final)
+
+
+# --- weight average --------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a model's weights (used for evaluation and export).
+
+    Buffers (e.g. VQ codebooks kept by moving averages) are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_params = list(self.module.parameters())
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+    def copy_to(self, model: nn.Module) -> None:
+        model.load_state_dict(self.module.state_dict())
+
+
+# --- non-finite losses -----------------------------------------------------------
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class NonFiniteGuard:
+    """Skip steps whose loss (or gradient norm) is NaN or infinite; stop after too many in a row."""
+
+    def __init__(self, max_consecutive: int = 20):
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.skipped = 0
+
+    def check(self, value: torch.Tensor | float) -> bool:
+        """True when the step may go on; False when it must be skipped."""
+        finite = bool(torch.isfinite(torch.as_tensor(value)).all())
+        if finite:
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.skipped += 1
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(
+                f"{self.consecutive} non-finite losses or gradients in a row ({self.skipped} in all): "
+                "lower the learning rate, use bf16 instead of fp16, or check the data for broken images"
+            )
+        return False
+
+
+# --- random states ---------------------------------------------------------------
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# --- optimizer state -------------------------------------------------------------
+
+
+def _flatten_optimizer(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{name}.{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    prefix = f"optim.{name}."
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            pid, field = key[len(prefix):].split(".", 1)
+            state.setdefault(int(pid), {})[field] = value
+    for pid, entries in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+# --- checkpoints -----------------------------------------------------------------
+
+
+class Checkpointer:
+    """Atomic, checksummed training checkpoints in ``folder``; the newest ``keep`` are kept."""
+
+    TENSORS = "state.safetensors"
+    META = "state.json"
+
+    def __init__(self, folder: str | Path, keep: int = 3):
+        self.folder = Path(folder)
+        self.keep = max(1, keep)
+
+    def _step_dirs(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p for p in self.folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+    def save(
+        self,
+        step: int,
+        modules: dict[str, nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        tensors, rng_meta = _rng_state()
+        for name, module in modules.items():
+            for key, value in module.state_dict().items():
+                tensors[f"module.{name}.{key}"] = value
+        optim_meta = {}
+        for name, optimizer in (optimizers or {}).items():
+            t, m = _flatten_optimizer(name, optimizer)
+            tensors.update(t)
+            optim_meta[name] = m
+
+        final = self.folder / f"step_{step:08d}"
+        tmp = self.folder / f".tmp_step_{step:08d}_{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_tensors(tensors, tmp / self.TENSORS)
+        meta = {
+            "step": step,
+            "extra": extra or {},
+            "optimizers": optim_meta,
+            "rng": rng_meta,
+            "sha256": file_sha256(tmp / self.TENSORS),
+        }
+        (tmp / self.META).write_text(json.dumps(meta))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in self._step_dirs()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _read(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        try:
+            meta = json.loads((path / self.META).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{path / self.META} is unreadable ({e})") from None
+        if file_sha256(path / self.TENSORS) != meta.get("sha256"):
+            raise ModelLoadError(f"{path / self.TENSORS} fails its checksum (truncated or corrupted)")
+        return load_tensors(path / self.TENSORS), meta
+
+    def load_latest(
+        self,
+        modules: dict[str, nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    ) -> tuple[int, dict[str, Any]] | None:
+        """Restore the newest good checkpoint into ``modules`` and ``optimizers``.
+
+        Returns ``(step, extra)``, or None when the folder holds no checkpoint.  A corrupted
+        checkpoint is reported and the one before it is used.
+        """
+        candidates = list(reversed(self._step_dirs()))
+        if not candidates:
+            return None
+        errors = []
+        for path in candidates:
+            try:
+                tensors, meta = self._read(path)
+            except (ModelLoadError, OSError) as e:
+                warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=2)
+                errors.append(str(e))
+                continue
+            for name, module in modules.items():
+                prefix = f"module.{name}."
+                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                check_state_dict(module, state, f"checkpoint {path} ({name})")
+                module.load_state_dict(state, strict=False)
+            for name, optimizer in (optimizers or {}).items():
+                if name not in meta["optimizers"]:
+                    raise ModelLoadError(f"checkpoint {path} holds no optimizer state for {name!r}")
+                optimizer.load_state_dict(_unflatten_optimizer(name, tensors, meta["optimizers"][name]))
+            _set_rng_state(tensors, meta["rng"])
+            return int(meta["step"]), meta["extra"]
+        raise ModelLoadError(f"no usable checkpoint in {self.folder}: " + "; ".join(errors))
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A generator whose draws depend only on (seed, step, stream): the key to exact resume."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1))
+    return g
