@@ -1,0 +1,165 @@
+"""``dalle eval``: the whole model measured on held-out shapes data.
+
+Reports (keys of shared/INTERFACE.md):
+- ``dvae``: reconstruction PSNR, fraction of the codebook used, and how often the
+  shapes judge still accepts a reconstructed image with its own caption;
+- ``transformer``: held-out loss in bits per image token;
+- ``clip``: text-to-image R@1 among 100 held-out pairs;
+- ``shapes``: judge pass rates per category for the CLIP top-1 of N candidates, for
+  a random pick of the same candidates (the reranking gain is the difference), and
+  for the real images (the upper bound).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dalle.evaluation.shapes_judge import CATEGORIES, judge
+from dalle.pipeline import DallePipeline, pil_to_tensor
+
+HELD_OUT_SPLIT = "test"
+
+
+def _held_out(seed: int, size: int):
+    from dalle.data.shapes import ShapesDataset
+
+    return ShapesDataset(split=HELD_OUT_SPLIT, size=size, seed=seed)
+
+
+def _images_tensor(samples, size: int, device) -> torch.Tensor:
+    return torch.cat([pil_to_tensor(s.image, size) for s in samples]).to(device)
+
+
+@torch.inference_mode()
+def evaluate_dvae(pipe: DallePipeline, samples, batch: int = 64) -> dict[str, float]:
+    dvae, size = pipe.dvae, pipe.image_size
+    used = torch.zeros(dvae.codebook_size, dtype=torch.bool)
+    squared_error, pixels, passed = 0.0, 0, 0
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        images = _images_tensor(chunk, size, pipe.device)
+        tokens = dvae.encode(images)
+        recon = dvae.decode(tokens).float().clamp(0, 1)
+        used[tokens.flatten().unique().cpu()] = True
+        squared_error += float(((recon - images) ** 2).sum())
+        pixels += images.numel()
+        from dalle.pipeline import tensor_to_pil
+
+        for sample, image in zip(chunk, tensor_to_pil(recon)):
+            passed += judge(image, sample.captions[0]).passed
+    mse = squared_error / pixels
+    return {
+        "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
+        "codebook_usage": float(used.float().mean()),
+        "recon_pass_rate": passed / len(samples),
+    }
+
+
+@torch.inference_mode()
+def evaluate_transformer(pipe: DallePipeline, samples, batch: int = 64) -> dict[str, float]:
+    nats, count = 0.0, 0
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        tokens = pipe.dvae.encode(_images_tensor(chunk, pipe.image_size, pipe.device)).flatten(1)
+        text = pipe.tokenizer.encode_batch([s.captions[0] for s in chunk]).to(pipe.device)
+        losses = pipe.transformer.loss(text, tokens)
+        nats += float(losses.image) * tokens.numel()
+        count += tokens.numel()
+    return {"bits_per_image_token": nats / count / math.log(2)}
+
+
+@torch.inference_mode()
+def evaluate_clip(pipe: DallePipeline, samples) -> dict[str, float]:
+    """Text-to-image R@1 among ``len(samples)`` pairs: own image ranked first."""
+    if pipe.clip is None:
+        return {"r_at_1": float("nan")}
+    images = _images_tensor(samples, pipe.image_size, pipe.device)
+    text = pipe.tokenizer.encode_batch([s.captions[0] for s in samples]).to(pipe.device)
+    image_emb = pipe.clip.encode_image(images)
+    text_emb = pipe.clip.encode_text(text)
+    best = (text_emb @ image_emb.T).argmax(dim=1).cpu()
+    return {"r_at_1": float((best == torch.arange(len(samples))).float().mean())}
+
+
+def pick_prompts(dataset, per_category: int) -> dict[str, list[Any]]:
+    """The first ``per_category`` held-out samples of each category (deterministic)."""
+    picked: dict[str, list[Any]] = {c: [] for c in CATEGORIES}
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        bucket = picked[sample.scene.category]
+        if len(bucket) < per_category:
+            bucket.append(sample)
+        if all(len(b) >= per_category for b in picked.values()):
+            break
+    return picked
+
+
+def evaluate_generation(pipe: DallePipeline, prompts: dict[str, list[Any]], candidates: int, seed: int,
+                        progress: bool = True) -> dict[str, dict[str, float]]:
+    rng = random.Random(seed)
+    top1: dict[str, list[bool]] = defaultdict(list)
+    random_pick: dict[str, list[bool]] = defaultdict(list)
+    real: dict[str, list[bool]] = defaultdict(list)
+    work = [(c, s) for c, samples in prompts.items() for s in samples]
+    if progress:
+        from tqdm.auto import tqdm
+
+        work = tqdm(work, desc="eval: generating", unit="prompt")
+    for i, (category, sample) in enumerate(work):
+        caption = sample.captions[0]
+        result = pipe(caption, candidates=candidates, keep=candidates, seed=seed + i)
+        top1[category].append(judge(result.images[0], caption).passed)
+        random_pick[category].append(judge(result.images[rng.randrange(candidates)], caption).passed)
+        real[category].append(judge(sample.image, caption).passed)
+
+    def rates(table: dict[str, list[bool]]) -> dict[str, float]:
+        out = {c: sum(v) / len(v) for c, v in table.items() if v}
+        every = [v for values in table.values() for v in values]
+        out["overall"] = sum(every) / len(every) if every else float("nan")
+        return out
+
+    out = {"reranked_top1": rates(top1), "random_pick": rates(random_pick), "real_images": rates(real)}
+    return out
+
+
+def evaluate_model(model: str | Path | None = None, *, prompts_per_category: int = 20, candidates: int = 32,
+                   device: str | None = None, seed: int = 0, progress: bool = True, held_out_size: int = 512) -> dict:
+    started = time.time()
+    pipe = DallePipeline.from_pretrained(model, device=device)
+    dataset = _held_out(seed, 100_000)
+    samples = [dataset[i] for i in range(held_out_size)]
+    report: dict[str, Any] = {
+        "dvae": evaluate_dvae(pipe, samples),
+        "transformer": evaluate_transformer(pipe, samples),
+        "clip": evaluate_clip(pipe, samples[:100]),
+        "shapes": evaluate_generation(pipe, pick_prompts(dataset, prompts_per_category), candidates, seed, progress),
+    }
+    shapes = report["shapes"]
+    report["reranking_gain"] = shapes["reranked_top1"]["overall"] - shapes["random_pick"]["overall"]
+    report["settings"] = {"model": str(model) if model else "bundled", "prompts_per_category": prompts_per_category,
+                          "candidates": candidates, "seed": seed, "held_out_split": HELD_OUT_SPLIT,
+                          "seconds": round(time.time() - started, 1)}
+    return report
+
+
+def format_report(report: dict) -> str:
+    d, t, c, s = report["dvae"], report["transformer"], report["clip"], report["shapes"]
+    lines = [
+        f"dVAE        PSNR {d['psnr']:.2f} dB | codebook used {d['codebook_usage']:.1%} | recon pass {d['recon_pass_rate']:.1%}",
+        f"transformer {t['bits_per_image_token']:.3f} bits per image token (held out)",
+        f"CLIP        R@1 among 100: {c['r_at_1']:.1%}",
+        "",
+        f"{'category':<15}{'reranked top-1':>16}{'random pick':>14}{'real images':>14}",
+    ]
+    for category in list(CATEGORIES) + ["overall"]:
+        row = [s[k].get(category, float("nan")) for k in ("reranked_top1", "random_pick", "real_images")]
+        lines.append(f"{category:<15}" + "".join(f"{v:>14.1%}  " for v in row))
+    lines.append(f"reranking gain: {report['reranking_gain']:+.1%}")
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""``dalle train``: each component in turn, into one model folder.
+
+Order: tokenizer -> dVAE -> token cache -> transformer -> CLIP.  ``--resume``
+continues a component from its newest checkpoint and skips the ones already
+finished, so ``dalle train all --resume`` picks a killed run up where it died.
+The model folder keeps the whole config (``dalle.json``) from its first run, so
+later steps never need the preset again.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dalle.config import DalleConfig, ConfigError, get_preset, load_config, save_config
+
+CONFIG_FILE = "dalle.json"
+# Share of a ``train all --minutes M`` budget each stage gets.
+TIME_SHARES = {"dvae": 0.4, "transformer": 0.45, "clip": 0.15}
+TOKENIZER_CAPTION_LIMIT = 50_000  # items read to learn the BPE vocabulary
+SHAPES_STREAM_SIZE = 200_000  # items in the streamed shapes set (each made on demand)
+
+
+def resolve_device(device: str | None) -> str:
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_config(out: Path, preset: str) -> DalleConfig:
+    """The folder's saved config, else the preset's (saved for the next steps)."""
+    path = out / CONFIG_FILE
+    if path.is_file():
+        config = load_config(DalleConfig, path)
+    else:
+        config = get_preset(preset)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, path)
+    config.check()
+    return config
+
+
+def open_training_data(data: str, split: str = "train", seed: int = 0):
+    """A data folder (any reader of dalle.data), or ``shapes`` for the generator streamed with no files."""
+    if data in ("shapes", f"shapes:{split}"):
+        from dalle.data.shapes import ShapesDataset
+
+        return ShapesDataset(split=split, size=SHAPES_STREAM_SIZE, seed=seed)
+    from dalle.data import open_dataset
+
+    path = Path(data)
+    if not path.exists():
+        raise FileNotFoundError(f"--data {data} does not exist (make one with: dalle data shapes --out {data} --count 10000)")
+    return open_dataset(path)
+
+
+def iter_captions(dataset, limit: int):
+    if hasattr(dataset, "iter_captions"):  # readers that can list captions without decoding images
+        yield from dataset.iter_captions(limit)
+        return
+    n = len(dataset) if hasattr(dataset, "__len__") else limit
+    for i in range(min(n, limit)):
+        item = dataset[i]
+        if item is not None:
+            yield from item.captions
+
+
+def train_tokenizer(dataset, out: Path, config: DalleConfig) -> Path:
+    from dalle.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer.train(iter_captions(dataset, TOKENIZER_CAPTION_LIMIT), config.tokenizer)
+    tokenizer.save_pretrained(out / "tokenizer")
+    return out / "tokenizer"
+
+
+def _budget(minutes: float | None, share: float, component: str, total_minutes: bool) -> float | None:
+    if minutes is None:
+        return None
+    return minutes * share if total_minutes else minutes
+
+
+def build_or_open_token_cache(dataset, out: Path, device: str):
+    """Encode the data set once with the trained dVAE (rebuilt when the dVAE changes)."""
+    from dalle.data.token_cache import TokenCache, build_token_cache
+    from dalle.dvae import DiscreteVAE
+    from dalle.io import WEIGHTS_NAME, file_sha256
+
+    dvae_dir = out / "dvae"
+    if not dvae_dir.is_dir():
+        raise FileNotFoundError(f"{dvae_dir} is missing: train the dVAE first (dalle train dvae --out {out})")
+    fingerprint = file_sha256(dvae_dir / WEIGHTS_NAME)
+    cache_dir = out / "cache" / "tokens"
+    if cache_dir.is_dir():
+        try:
+            cache = TokenCache(cache_dir)
+            if cache.fingerprint == fingerprint:
+                return cache
+        except Exception:  # noqa: BLE001 - a broken cache is rebuilt
+            pass
+    dvae = DiscreteVAE.from_pretrained(dvae_dir, device=device)
+    size = dvae.config.image_size
+
+    @torch.inference_mode()
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        return dvae.encode(images.to(device)).cpu()
+
+    return build_token_cache(dataset, encode, cache_dir, image_size=size, fingerprint=fingerprint)
+
+
+def train_component(component: str, *, data: str, out: Path, preset: str = "shapes", steps: int | None = None,
+                    minutes: float | None = None, resume: bool = False, device: str | None = None,
+                    seed: int | None = None) -> Path:
+    """Train ``component`` (or ``all``) on ``data`` into the model folder ``out``."""
+    out = Path(out)
+    device = resolve_device(device)
+    config = model_config(out, preset)
+    dataset = open_training_data(data, "train", seed=config.train.seed if seed is None else seed)
+    stages = ["tokenizer", "dvae", "transformer", "clip"] if component == "all" else [component]
+    whole = component == "all"
+    common: dict[str, Any] = dict(steps=steps, resume=resume, device=device, seed=seed)
+    started = time.time()
+    for stage in stages:
+        done = (out / stage).is_dir()
+        if whole and resume and done:
+            print(f"[{stage}] already trained in {out / stage}; skipping")
+            continue
+        budget = _budget(minutes, TIME_SHARES.get(stage, 0.0), stage, whole)
+        print(f"[{stage}] training" + (f" for {budget:.1f} min" if budget else ""))
+        if stage == "tokenizer":
+            train_tokenizer(dataset, out, config)
+        elif stage == "dvae":
+            from dalle.training.dvae import train_dvae
+
+            train_dvae(dataset, out, config, minutes=budget, **common)
+        elif stage == "transformer":
+            from dalle.dvae import DiscreteVAE
+            from dalle.tokenizer import TextTokenizer
+            from dalle.training.transformer import train_transformer
+
+            tokenizer = _need_tokenizer(out)
+            cache = build_or_open_token_cache(dataset, out, device)
+            dvae = DiscreteVAE.from_pretrained(out / "dvae", device=device)
+            train_transformer(cache, tokenizer, out, config, minutes=budget, dvae=dvae, **common)
+        elif stage == "clip":
+            from dalle.training.clip import train_clip
+
+            train_clip(dataset, _need_tokenizer(out), out, config, minutes=budget, **common)
+        else:  # pragma: no cover - argparse restricts the choices
+            raise ConfigError(f"unknown component {stage}")
+    print(f"done in {(time.time() - started) / 60:.1f} min")
+    return out
+
+
+def _need_tokenizer(out: Path):
+    from dalle.tokenizer import TextTokenizer
+
+    if not (out / "tokenizer").is_dir():
+        raise FileNotFoundError(f"{out / 'tokenizer'} is missing: train it first (dalle train tokenizer --out {out})")
+    return TextTokenizer.from_pretrained(out / "tokenizer")
