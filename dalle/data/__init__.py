@@ -1,0 +1,71 @@
+"""Data: the procedural shapes set, users' image-text data sets, preprocessing, the token cache.
+
+Names are imported on first use, so ``import dalle.data`` stays cheap (and
+``dalle.data.shapes`` does not pull in torch).
+
+* :mod:`dalle.data.shapes` - the shapes set (``ShapesDataset``, ``write_shapes``).
+* :mod:`dalle.data.datasets` - readers for folders, MS-COCO and WebDataset shards,
+  :func:`open_dataset`, :func:`load_image` and the bad-image accounting.
+* :mod:`dalle.data.preprocess` - the paper's crop/resize, batching, :func:`make_loader`.
+* :mod:`dalle.data.token_cache` - images encoded once into dVAE tokens on disk.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    # datasets
+    "BadImageError": "datasets",
+    "CocoDataset": "datasets",
+    "DataError": "datasets",
+    "DEFAULT_MAX_PIXELS": "datasets",
+    "FolderDataset": "datasets",
+    "IMAGE_EXTENSIONS": "datasets",
+    "Sample": "datasets",
+    "SkipCounter": "datasets",
+    "Skipped": "datasets",
+    "TooManyBadImagesError": "datasets",
+    "WebDatasetShards": "datasets",
+    "expand_shards": "datasets",
+    "iter_samples": "datasets",
+    "load_image": "datasets",
+    "open_dataset": "datasets",
+    "read_captions_file": "datasets",
+    # preprocess
+    "PAPER_CROP_SCALE": "preprocess",
+    "SHAPES_CROP_SCALE": "preprocess",
+    "StepBatchSampler": "preprocess",
+    "collate_batch": "preprocess",
+    "derive_seed": "preprocess",
+    "eval_transform": "preprocess",
+    "make_generator": "preprocess",
+    "make_loader": "preprocess",
+    "to_tensor": "preprocess",
+    "train_transform": "preprocess",
+    # token cache
+    "StaleCacheError": "token_cache",
+    "TokenCache": "token_cache",
+    "TokenCacheError": "token_cache",
+    "build_token_cache": "token_cache",
+    "fingerprint_state_dict": "token_cache",
+    # the shapes set (dalle/data/shapes.py)
+    "ShapesDataset": "shapes",
+    "write_shapes": "shapes",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dalle.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"dalle.data.{module}"), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
