@@ -1,0 +1,1 @@
+"""Evaluation: programs that judge generated images (the shapes judge) and score models."""
