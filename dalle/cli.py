@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, default=None, help="JSON file to write")
     e.add_argument("--prompts-per-category", type=_bounded(int, 1, None, "--prompts-per-category"), default=20)
     e.add_argument("--candidates", type=_bounded(int, 1, 4096, "--candidates"), default=32)
+    e.add_argument("--held-out", type=_bounded(int, 100, None, "--held-out"), default=512,
+                   help="held-out images for the dVAE, transformer and CLIP figures (default 512)")
     e.add_argument("--device", default=None)
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval)
@@ -220,7 +222,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dalle.evaluation.suite import evaluate_model, format_report
 
     report = evaluate_model(args.model, prompts_per_category=args.prompts_per_category, candidates=args.candidates,
-                            device=args.device, seed=args.seed, progress=True)
+                            device=args.device, seed=args.seed, progress=True,
+                            held_out_size=args.held_out)
     print(format_report(report))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +272,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed its one line (or the help)
+        return int(e.code or 0)
     if args.version:
         from dalle import __version__
 

@@ -70,6 +70,12 @@ class DVAEConfig:
     # Width of each group is hidden_width * multiplier (full resolution first; the
     # decoder mirrors them).  The paper's dVAE uses 1, 2, 4, 8.
     width_multipliers: tuple[int, ...] = (1, 2, 4, 8)
+    # Final weight (beta) of the KL to the uniform prior, reached after the warm-up;
+    # the paper's is 6.6.  Gumbel quantiser only.
+    kl_weight: float = 6.6
+    # Reconstruction term: "logit_laplace" (the paper's NLL with a per-pixel learned
+    # scale) or "mse" (on [0, 1] pixels).
+    recon_loss: Literal["logit_laplace", "mse"] = "logit_laplace"
 
     def __post_init__(self) -> None:
         self.width_multipliers = tuple(self.width_multipliers)  # JSON gives a list
@@ -153,6 +159,7 @@ class TrainConfig:
     grad_accum: int = 1
     ema_decay: float = 0.999
     seed: int = 0
+    shapes_size: int = 50_000  # items of the shapes set streamed by ``--data shapes`` (token cache size)
 
 
 @dataclass
@@ -279,7 +286,7 @@ def tiny() -> DalleConfig:
     cfg.clip.text_width = cfg.clip.image_width = cfg.clip.embed_dim = 32
     cfg.clip.text_heads = cfg.clip.image_heads = 2
     cfg.train = TrainConfig(dvae_steps=20, dvae_batch=8, transformer_steps=20, transformer_batch=8,
-                            transformer_warmup=5, clip_steps=20, clip_batch=8)
+                            transformer_warmup=5, clip_steps=20, clip_batch=8, shapes_size=256)
     return cfg
 
 

@@ -12,7 +12,9 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
+
+ProgressCallback = Callable[[int, int], None]
 
 import numpy as np
 import torch
@@ -143,7 +145,7 @@ class DallePipeline:
     @torch.inference_mode()
     def _sample(self, prompt: str, candidates: int, keep: int, seed: int, temperature: float, top_k: int | None,
                 top_p: float | None, batch_size: int | None, known: torch.Tensor | None, keep_mask: torch.Tensor | None,
-                progress: bool) -> GenerationResult:
+                progress: bool, progress_callback: ProgressCallback | None) -> GenerationResult:
         if not 1 <= keep <= candidates:
             raise ValueError(f"keep must be between 1 and candidates ({candidates}), got {keep}")
         text = self.encode_prompt(prompt)
@@ -167,6 +169,8 @@ class DallePipeline:
             images.append(pixels)
             if self.clip is not None:
                 scores.append(self.clip.score(text, pixels).float())
+            if progress_callback is not None:
+                progress_callback(start + n, candidates)
         pixels = torch.cat(images)
         if self.clip is not None:
             all_scores = torch.cat(scores)
@@ -179,9 +183,13 @@ class DallePipeline:
 
     def __call__(self, prompt: str, candidates: int = 32, keep: int = 4, seed: int = 0, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, batch_size: int | None = None,
-                 progress: bool = False) -> GenerationResult:
-        """Sample ``candidates`` images for ``prompt`` and keep the ``keep`` CLIP ranks best."""
-        return self._sample(prompt, candidates, keep, seed, temperature, top_k, top_p, batch_size, None, None, progress)
+                 progress: bool = False, progress_callback: ProgressCallback | None = None) -> GenerationResult:
+        """Sample ``candidates`` images for ``prompt`` and keep the ``keep`` CLIP ranks best.
+
+        ``progress_callback(done, total)`` is called after each batch of candidates.
+        """
+        return self._sample(prompt, candidates, keep, seed, temperature, top_k, top_p, batch_size, None, None, progress,
+                            progress_callback)
 
     def image_tokens(self, image: Image.Image) -> torch.Tensor:
         """An image cut to the model's token grid: [1, grid, grid]."""
@@ -190,7 +198,8 @@ class DallePipeline:
     def complete(self, image: Image.Image, prompt: str, keep_rows: int | None = None,
                  region: tuple[int, int] | None = None, candidates: int = 32, keep: int = 4, seed: int = 0,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 batch_size: int | None = None, progress: bool = False) -> GenerationResult:
+                 batch_size: int | None = None, progress: bool = False,
+                 progress_callback: ProgressCallback | None = None) -> GenerationResult:
         """Regenerate the top-``keep_rows``-kept image, or the rectangle from ``region`` to the bottom-right."""
         if (keep_rows is None) == (region is None):
             raise ValueError("give exactly one of keep_rows or region")
@@ -205,7 +214,7 @@ class DallePipeline:
             mask = region_mask(self.grid, row, col)
         known = self.image_tokens(image)
         return self._sample(prompt, candidates, keep, seed, temperature, top_k, top_p, batch_size, known,
-                            mask.to(self.device), progress)
+                            mask.to(self.device), progress, progress_callback)
 
 
 def write_results(results: Sequence[GenerationResult], out: str | Path) -> Path:

@@ -21,7 +21,6 @@ CONFIG_FILE = "dalle.json"
 # Share of a ``train all --minutes M`` budget each stage gets.
 TIME_SHARES = {"dvae": 0.4, "transformer": 0.45, "clip": 0.15}
 TOKENIZER_CAPTION_LIMIT = 50_000  # items read to learn the BPE vocabulary
-SHAPES_STREAM_SIZE = 200_000  # items in the streamed shapes set (each made on demand)
 
 
 def resolve_device(device: str | None) -> str:
@@ -45,12 +44,12 @@ def model_config(out: Path, preset: str) -> DalleConfig:
     return config
 
 
-def open_training_data(data: str, split: str = "train", seed: int = 0):
+def open_training_data(data: str, split: str = "train", seed: int = 0, shapes_size: int = 50_000):
     """A data folder (any reader of dalle.data), or ``shapes`` for the generator streamed with no files."""
     if data in ("shapes", f"shapes:{split}"):
         from dalle.data.shapes import ShapesDataset
 
-        return ShapesDataset(split=split, size=SHAPES_STREAM_SIZE, seed=seed)
+        return ShapesDataset(split=split, size=shapes_size, seed=seed)
     from dalle.data import open_dataset
 
     path = Path(data)
@@ -119,7 +118,8 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
     out = Path(out)
     device = resolve_device(device)
     config = model_config(out, preset)
-    dataset = open_training_data(data, "train", seed=config.train.seed if seed is None else seed)
+    dataset = open_training_data(data, "train", seed=config.train.seed if seed is None else seed,
+                                 shapes_size=config.train.shapes_size)
     stages = ["tokenizer", "dvae", "transformer", "clip"] if component == "all" else [component]
     whole = component == "all"
     common: dict[str, Any] = dict(steps=steps, resume=resume, device=device, seed=seed)

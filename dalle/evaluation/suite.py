@@ -67,10 +67,10 @@ def evaluate_transformer(pipe: DallePipeline, samples, batch: int = 64) -> dict[
     nats, count = 0.0, 0
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
-        tokens = pipe.dvae.encode(_images_tensor(chunk, pipe.image_size, pipe.device)).flatten(1)
+        tokens = pipe.dvae.encode(_images_tensor(chunk, pipe.image_size, pipe.device))
         text = pipe.tokenizer.encode_batch([s.captions[0] for s in chunk]).to(pipe.device)
-        losses = pipe.transformer.loss(text, tokens)
-        nats += float(losses.image) * tokens.numel()
+        _, parts = pipe.transformer.loss(text, tokens)
+        nats += float(parts["image_loss"]) * tokens.numel()
         count += tokens.numel()
     return {"bits_per_image_token": nats / count / math.log(2)}
 

@@ -1,0 +1,1 @@
+"""Shared builders for tests (import as ``helpers.<module>`` with ``tests/`` on ``sys.path``)."""
