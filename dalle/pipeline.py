@@ -23,7 +23,7 @@ from PIL import Image
 from dalle.clip import CLIP
 from dalle.dvae import DiscreteVAE
 from dalle.io import ModelLoadError
-from dalle.sampling import generate_images_tokens, keep_rows_mask, region_mask
+from dalle.sampling import generate_images_tokens, keep_rows_mask, prepare_for_sampling, region_mask
 from dalle.tokenizer import TextTokenizer
 from dalle.transformer import DalleTransformer
 
@@ -92,6 +92,7 @@ class DallePipeline:
         self.dvae = dvae.to(self.device).eval()
         self.transformer = transformer.to(self.device).eval()
         self.clip = clip.to(self.device).eval() if clip is not None else None
+        self._sampler: DalleTransformer | None = None  # made on first use
         grid = self.transformer.config.image_grid
         if self.dvae.grid_size != grid:
             raise ModelLoadError(f"the dVAE makes {self.dvae.grid_size}x{self.dvae.grid_size} tokens "
@@ -122,6 +123,13 @@ class DallePipeline:
         if self.clip is not None:
             self.clip.save_pretrained(folder / "clip", dtype=dtype)
         return folder
+
+    @property
+    def sampler(self) -> DalleTransformer:
+        """An inference copy of the transformer with weights packed for fast decoding."""
+        if self._sampler is None:
+            self._sampler = prepare_for_sampling(self.transformer)
+        return self._sampler
 
     @property
     def image_size(self) -> int:
@@ -160,7 +168,7 @@ class DallePipeline:
         for start in batches:
             n = min(batch_size, candidates - start)
             tokens = generate_images_tokens(
-                self.transformer, text.expand(n, -1), temperature=temperature, top_k=top_k, top_p=top_p,
+                self.sampler, text.expand(n, -1), temperature=temperature, top_k=top_k, top_p=top_p,
                 generator=generator,
                 known_tokens=None if known is None else known.expand(n, -1, -1),
                 keep_mask=keep_mask,

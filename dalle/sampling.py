@@ -1,0 +1,297 @@
+"""Sampling image tokens from the transformer, with a key/value cache.
+
+Each new image token costs one token's work: every layer keeps the keys and values
+of the tokens already fed in a preallocated ``[B, heads, S - 1, head_dim]`` buffer,
+written in place, and a new token's query attends over the filled prefix only, under
+its layer's mask row -- so the row / column / conv masks hold exactly as in training.
+
+Completion (the paper's figure 2 and image-to-image translation) is the same loop:
+``keep_mask`` marks the tokens to keep; those are teacher-forced, the others sampled
+in raster order.  Runs of kept tokens are fed in one multi-token step, and the text
+plus the kept prefix before the first sampled token are prefilled in one pass.
+Prompts repeated across the batch (many candidates of one caption) have their text
+prefilled once and the cache copied, since text is identical across candidates.
+
+Decoding a sparse layer reads only the keys its mask allows (an index list per
+position), not the whole prefix.  On the CPU, :func:`prepare_for_sampling` makes an
+inference copy with pre-packed weights that decodes ~1.6x faster; the per-step
+work is otherwise a few small matrix products, so at small batch sizes a decoding
+step is bound by memory traffic of the weights, not by arithmetic.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from dalle.attention_masks import allowed_keys
+from dalle.transformer import DalleTransformer, MaskArgs
+
+
+class PackedLinear(nn.Module):
+    """An inference-only ``nn.Linear`` whose weight is stored pre-packed in oneDNN's blocked layout.
+
+    A plain CPU matrix product packs its weight operand into a blocked layout on every
+    call; at sampling's few rows (one token per candidate) that copy of the whole weight
+    costs as much as the product itself.  The weight may be stored in bf16 while the
+    activations stay in their own dtype ("weight-only" bf16: half the bytes to read per
+    token, and the CPU's bf16 dot-product instructions).
+    """
+
+    def __init__(self, linear: nn.Linear, weight_dtype: torch.dtype, batch_hint: int = 8):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_dtype = weight_dtype
+        weight = linear.weight.detach().to(weight_dtype)
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint))
+        bias = None if linear.bias is None else linear.bias.detach().to(weight_dtype).clone()
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.weight_dtype), self.packed_weight, self.bias, "none", [], "")
+        return y.to(x.dtype)
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` does bf16 matrix products natively (CUDA with bf16, AVX512-BF16/AMX CPUs)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def prepare_for_sampling(model: DalleTransformer, weight_dtype: torch.dtype | None = None) -> DalleTransformer:
+    """An inference-only copy of ``model`` made for fast sampling; ``model`` is left untouched.
+
+    ``weight_dtype`` (default: bf16 where the device does bf16 natively, else the model's
+    dtype) is the precision of the matrix weights.  On the CPU each linear layer becomes a
+    :class:`PackedLinear` whose activations, attention and key/value cache stay in the
+    model's dtype (fp32): only weights are rounded, as bf16 autocast does in training.
+    On CUDA the whole copy is cast to ``weight_dtype``.  Measured on our 2-core CPU at
+    8x8 tokens, batch 8: ~2.3x faster decoding than the plain fp32 model (~1.6x with
+    fp32 weights).  The copy is for :func:`generate_images_tokens` only: it cannot be
+    trained or saved.
+    """
+    param = next(model.parameters())
+    if weight_dtype is None:
+        weight_dtype = torch.bfloat16 if native_bf16(param.device) else param.dtype
+    fast = copy.deepcopy(model).eval()
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    packable = (param.device.type == "cpu" and torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and (weight_dtype == torch.float32 or (weight_dtype == torch.bfloat16 and native_bf16("cpu"))))
+    if packable:
+        for module in list(fast.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, PackedLinear(child, weight_dtype))
+    else:
+        fast = fast.to(weight_dtype)
+    fast.prepared_for_sampling = True
+    return fast
+
+
+def region_mask(grid: int, row: int, col: int) -> torch.Tensor:
+    """Keep mask that regenerates the rectangle from token ``(row, col)`` to the bottom-right corner.
+
+    Returns a ``[grid, grid]`` bool tensor, True = keep (every token outside the rectangle).
+    """
+    if not (0 <= row < grid and 0 <= col < grid):
+        raise ValueError(f"region start ({row}, {col}) lies outside the {grid}x{grid} token grid; "
+                         f"row and col must be in 0..{grid - 1}")
+    keep = torch.ones(grid, grid, dtype=torch.bool)
+    keep[row:, col:] = False
+    return keep
+
+
+def keep_rows_mask(grid: int, rows: int) -> torch.Tensor:
+    """Keep mask that keeps the top ``rows`` token rows and regenerates the rest (True = keep)."""
+    if not 0 <= rows < grid:
+        raise ValueError(f"rows to keep must be in 0..{grid - 1} for a {grid}x{grid} token grid "
+                         f"(at least one row must be regenerated), got {rows}")
+    keep = torch.zeros(grid, grid, dtype=torch.bool)
+    keep[:rows] = True
+    return keep
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to ``-inf`` every logit outside the top-k and outside the nucleus of mass ``top_p``.
+
+    The nucleus is the smallest set of most likely tokens whose probability sums to at
+    least ``top_p``; the most likely token always survives.  ``logits``: ``[B, V]``.
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row of ``logits [B, V]``; ``temperature == 0`` picks the most likely token."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    probs = filter_logits(logits, top_k, top_p).softmax(dim=-1)
+    # Inverse-CDF sampling: one uniform number per row (torch.multinomial draws one
+    # exponential per vocabulary entry, ~10% of a small model's decoding step).
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _check_args(model: DalleTransformer, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask):
+    cfg = model.config
+    g = cfg.image_grid
+    model.check_tokens(text_ids)
+    device = next(model.parameters()).device
+    if text_ids.device != device:
+        raise ValueError(f"text_ids are on {text_ids.device} but the model is on {device}; move them with .to()")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"the generator is on {generator.device} but sampling runs on {device}; "
+                         f"create it with torch.Generator(device={str(device)!r})")
+    if keep_mask is None:
+        if known_tokens is not None:
+            raise ValueError("known_tokens given without keep_mask: say which tokens to keep "
+                             "(see region_mask / keep_rows_mask)")
+        return
+    if keep_mask.dtype != torch.bool or tuple(keep_mask.shape) != (g, g):
+        raise ValueError(f"keep_mask must be a bool tensor [{g}, {g}], got {keep_mask.dtype} {list(keep_mask.shape)}")
+    if bool(keep_mask.any()):
+        if known_tokens is None:
+            raise ValueError("keep_mask keeps some tokens but known_tokens is None; pass the image's tokens")
+        if tuple(known_tokens.shape) != (text_ids.shape[0], g, g) or known_tokens.dtype != torch.long:
+            raise ValueError(f"known_tokens must be a long tensor [{text_ids.shape[0]}, {g}, {g}], "
+                             f"got {known_tokens.dtype} {list(known_tokens.shape)}")
+        kept = known_tokens[:, keep_mask.to(known_tokens.device)]
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= cfg.image_vocab):
+            raise ValueError(f"kept image tokens must lie in [0, {cfg.image_vocab})")
+
+
+def _cache_dtype(model: DalleTransformer, device: torch.device) -> torch.dtype:
+    """The dtype keys/values come out in (autocast, packed bf16 weights...): asked of the first layer."""
+    param = next(model.parameters())
+    probe = torch.zeros(1, 1, model.config.d_model, device=device, dtype=param.dtype)
+    return model.blocks[0].attn.qkv(probe).dtype
+
+
+def generate_images_tokens(
+    model: DalleTransformer,
+    text_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    known_tokens: torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample the image tokens for each row of ``text_ids [B, text_len]``; returns ``[B, grid, grid]``.
+
+    Rows of ``text_ids`` may repeat (candidates of one prompt).  With ``keep_mask``
+    (``[grid, grid]`` bool, True = keep) the tokens it marks are copied from
+    ``known_tokens [B, grid, grid]`` and the others are sampled in raster order,
+    conditioned on everything before them.  Pass a ``torch.Generator`` for
+    reproducible samples, and for speed on the CPU a :func:`prepare_for_sampling` copy
+    of the model (made once, reused for every call).
+    """
+    _check_args(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask)
+    tokens = _generate(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask)
+    # Cloned outside inference mode so callers may use the result in autograd (e.g. a loss).
+    return tokens.clone()
+
+
+@torch.inference_mode()
+def _generate(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask) -> torch.Tensor:
+    cfg = model.config
+    t, g = cfg.text_len, cfg.image_grid
+    n = g * g
+    b = text_ids.shape[0]
+    device = text_ids.device
+
+    keep = torch.zeros(n, dtype=torch.bool) if keep_mask is None else keep_mask.detach().flatten().cpu()
+    tokens = torch.zeros(b, n, dtype=torch.long, device=device)
+    if known_tokens is not None:
+        tokens.copy_(known_tokens.flatten(1))
+    if bool(keep.all()):
+        return tokens.view(b, g, g).clone()
+    # next_sampled[j]: the first index after j that must be sampled (n if none).
+    sampled = (~keep).nonzero().flatten().tolist()
+    next_sampled = [n] * n
+    for a, c in zip(sampled, sampled[1:]):
+        next_sampled[a] = c
+    first = sampled[0]
+
+    was_training = model.training
+    model.eval()
+    try:
+        dtype = _cache_dtype(model, device)
+        cache = model.new_cache(b, device, dtype)
+        positions = model.image_positions()
+
+        # 1. Prefill the text and the kept image prefix before the first sampled token.
+        unique, inverse = torch.unique(text_ids, dim=0, return_inverse=True)
+        if unique.shape[0] < b:
+            # Repeated prompts: run each distinct text once, copy its keys/values to its candidates,
+            # then the image prefix (which may differ between candidates) in one more pass.
+            text_cache = model.new_cache(unique.shape[0], device, dtype, length=t)
+            h = model.hidden_states(model.embed_text(unique), 0, text_cache)[:, -1][inverse]
+            for (k, v), (tk, tv) in zip(cache, text_cache):
+                k[:, :, :t].copy_(tk[inverse])
+                v[:, :, :t].copy_(tv[inverse])
+            if first > 0:
+                h = model.hidden_states(model.embed_image(tokens[:, :first], 0, positions), t, cache)[:, -1]
+        else:
+            x = model.embed_text(text_ids)
+            if first > 0:
+                x = torch.cat([x, model.embed_image(tokens[:, :first], 0, positions)], dim=1)
+            h = model.hidden_states(x, 0, cache)[:, -1]
+        logits = model.image_head(h)
+
+        # 2. Sample in raster order; feed each sampled token together with the kept run after it.
+        # A sparse layer reads only its allowed keys: at 32x32 a row layer's 288 instead of up to 1279.
+        keys = {kind: allowed_keys(kind, t, g, cfg.conv_kernel, device) for kind in set(model.kinds) if kind != "full"}
+        j = first
+        while True:
+            tokens[:, j] = sample_logits(logits, temperature, top_k, top_p, generator)
+            nxt = next_sampled[j]
+            if nxt >= n:
+                break  # everything after j is kept (or j was the last token)
+            p = t + j  # stream position of image token j
+            if nxt == j + 1:
+                masks = {kind: MaskArgs(keys=index[p]) for kind, index in keys.items()}
+                masks["full"] = MaskArgs()
+            else:
+                masks = model.mask_args(p, nxt - j, device)
+            x = model.embed_image(tokens[:, j:nxt], j, positions)
+            h = model.hidden_states(x, p, cache, masks)[:, -1]
+            logits = model.image_head(h)
+            j = nxt
+    finally:
+        model.train(was_training)
+    return tokens.view(b, g, g)

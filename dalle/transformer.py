@@ -1,0 +1,368 @@
+"""The DALL-E transformer: a decoder-only model over text tokens then image tokens.
+
+One stream of ``S = text_len + grid**2`` tokens, modelled autoregressively
+(Ramesh et al. 2021, section 2.2):
+
+    [t_0 ... t_{T-1}] [i_0 ... i_{N-1}]        T = text_len, N = grid**2 (raster order)
+
+The model is fed the first ``S - 1`` tokens and predicts the next one at every
+position: position ``p < T - 1`` predicts text token ``p + 1`` (through the text
+head), position ``T - 1 + j`` predicts image token ``j`` (through the image head).
+So the first image token is predicted from the last text position, and the first
+text token, which has no predecessor, is never predicted -- text only conditions
+the image, we never sample it.
+
+Text positions have a learned position embedding; an image token's position is the
+sum of a learned row and a learned column embedding.  Text and image tokens have
+separate embedding tables and separate (untied) output heads, so the text head can
+never emit an image code and vice versa.
+
+Blocks are pre-norm (``x + attn(ln(x))``, ``x + mlp(ln(x))``); each layer's attention
+mask kind (full / row / column / conv, :mod:`dalle.attention_masks`) is fixed at
+construction.  The same code path serves training (whole sequence, no cache) and
+sampling (a preallocated key/value cache, see :mod:`dalle.sampling`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dalle.attention_masks import build_mask, layer_schedule
+from dalle.config import ConfigError, TransformerConfig
+
+
+class MaskArgs(NamedTuple):
+    """How one layer attends in one forward call.
+
+    ``mask``: bool ``[L, keys]``, True = may attend (None: no mask); ``is_causal``: let SDPA
+    apply the causal mask itself; ``keys``: with a cache, the positions of the cached keys
+    to attend to (a sparse layer's allowed keys when decoding one token), instead of the
+    whole filled prefix.
+    """
+
+    mask: torch.Tensor | None = None
+    is_causal: bool = False
+    keys: torch.Tensor | None = None
+
+
+# Per layer (key cache, value cache), each [B, n_heads, S - 1, head_dim], written in place.
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_config(config: TransformerConfig) -> None:
+    """Raise :class:`ConfigError` for a transformer config that cannot be built."""
+    problems = []
+    for name in ("n_layers", "n_heads", "head_dim", "text_vocab", "text_len", "image_vocab", "image_grid", "mlp_ratio"):
+        if int(getattr(config, name)) < 1:
+            problems.append(f"{name} must be at least 1 (got {getattr(config, name)})")
+    if config.text_vocab < config.text_len:
+        problems.append(f"text_vocab={config.text_vocab} must include the {config.text_len} per-position pad ids")
+    if config.attention not in ("sparse", "full"):
+        problems.append(f"attention must be 'sparse' or 'full' (got {config.attention!r})")
+    if config.conv_kernel < 1 or config.conv_kernel % 2 == 0:
+        problems.append(f"conv_kernel must be a positive odd number (got {config.conv_kernel})")
+    if not 0.0 <= config.dropout < 1.0:
+        problems.append(f"dropout must be in [0, 1) (got {config.dropout})")
+    if problems:
+        raise ConfigError("transformer config: " + "; ".join(problems))
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, dropout_p: float
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + mask) v`` over ``[B, H, L, D]`` tensors; ``attn_mask`` True = may attend.
+
+    Uses ``F.scaled_dot_product_attention`` except for bf16 on the CPU, where PyTorch's
+    CPU attention kernels are 2-3x slower than three plain ops at our sizes (measured,
+    torch 2.13: training [32, 4, 95, 64] forward+backward, and one-query decoding), so
+    we spell it out.
+    """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+        if is_causal:
+            attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        weights = scores.softmax(dim=-1)
+        if dropout_p > 0:
+            weights = F.dropout(weights, dropout_p)
+        return weights @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention whose mask kind is fixed per layer."""
+
+    def __init__(self, config: TransformerConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        d = config.d_model
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.dropout = config.dropout
+
+    def forward(
+        self, x: torch.Tensor, mask: MaskArgs, cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0
+    ) -> torch.Tensor:
+        b, length, d = x.shape
+        # [B, L, 3, H, D] -> three [B, H, L, D] views
+        q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            # Write this chunk's keys/values in place and attend over the filled prefix only.
+            k_cache, v_cache = cache
+            end = start + length
+            k_cache[:, :, start:end] = k
+            v_cache[:, :, start:end] = v
+            if mask.keys is not None:  # a sparse layer reads only its allowed keys
+                k, v = k_cache.index_select(2, mask.keys), v_cache.index_select(2, mask.keys)
+            else:
+                k, v = k_cache[:, :, :end], v_cache[:, :, :end]
+        y = attend(q, k, v, mask.mask, mask.is_causal, self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, length, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        d = config.d_model
+        self.fc1 = nn.Linear(d, config.mlp_ratio * d)
+        self.fc2 = nn.Linear(config.mlp_ratio * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``."""
+
+    def __init__(self, config: TransformerConfig, kind: str):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model)
+        self.attn = Attention(config, kind)
+        self.ln2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, mask: MaskArgs, cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), mask, cache, start))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class DalleTransformer(nn.Module):
+    """Decoder-only transformer over ``[text tokens, image tokens]`` (see the module docstring)."""
+
+    # Parameters that map vocabularies or positions to/from the model width; excluded by
+    # ``count_parameters(non_embedding=True)`` (Kaplan et al. 2020 count "non-embedding"
+    # parameters; their output projection is tied to the embedding, ours is not, so the
+    # two output heads are vocabulary matrices too and are excluded with the embeddings).
+    EMBEDDING_PREFIXES = ("text_embedding.", "text_position.", "image_embedding.", "image_row.",
+                          "image_column.", "text_head.", "image_head.")
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        check_config(config)
+        self.config = config
+        d = config.d_model
+        self.text_embedding = nn.Embedding(config.text_vocab, d)
+        self.text_position = nn.Embedding(config.text_len, d)
+        self.image_embedding = nn.Embedding(config.image_vocab, d)
+        self.image_row = nn.Embedding(config.image_grid, d)
+        self.image_column = nn.Embedding(config.image_grid, d)
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.kinds = layer_schedule(config.n_layers, config.attention)
+        self.blocks = nn.ModuleList(Block(config, kind) for kind in self.kinds)
+        self.ln_f = nn.LayerNorm(d)
+        self.text_head = nn.Linear(d, config.text_vocab, bias=False)
+        self.image_head = nn.Linear(d, config.image_vocab, bias=False)
+        # Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute).
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections so the residual stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.fc2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # --- construction helpers -------------------------------------------------
+
+    @classmethod
+    def on_meta(cls, config: TransformerConfig) -> "DalleTransformer":
+        """Build on the meta device: shapes only, no weights allocated (e.g. to count the paper model)."""
+        with torch.device("meta"):
+            return cls(config)
+
+    def count_parameters(self, non_embedding: bool = False) -> int:
+        """Number of parameters; ``non_embedding=True`` leaves out embeddings, positions and output heads."""
+        return sum(
+            p.numel()
+            for name, p in self.named_parameters()
+            if not (non_embedding and name.startswith(self.EMBEDDING_PREFIXES))
+        )
+
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        from dalle.io import save_module
+
+        if getattr(self, "prepared_for_sampling", False):
+            raise RuntimeError("this is a copy made by prepare_for_sampling (packed weights); save the original model")
+        save_module(folder, self, self.config, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "DalleTransformer":
+        from dalle.io import load_module
+
+        model, _ = load_module(folder, cls, TransformerConfig, device=device)
+        return model.eval()
+
+    # --- pieces shared by training and sampling --------------------------------
+
+    @property
+    def pad_start(self) -> int:
+        """First per-position padding id: ids ``[pad_start, text_vocab)`` are pads."""
+        return self.config.text_vocab - self.config.text_len
+
+    def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, text_len]`` ids -> ``[B, text_len, d]``."""
+        positions = self.text_position.weight[: text_ids.shape[1]]
+        return self.text_embedding(text_ids) + positions
+
+    def image_positions(self) -> torch.Tensor:
+        """``[grid**2, d]`` position embedding of each raster index: its row's plus its column's."""
+        g = self.config.image_grid
+        return (self.image_row.weight[:, None, :] + self.image_column.weight[None, :, :]).reshape(g * g, -1)
+
+    def embed_image(
+        self, image_ids: torch.Tensor, first: int = 0, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[B, L]`` image ids at raster indices ``first .. first+L-1`` -> ``[B, L, d]``.
+
+        ``positions`` may pass a precomputed :meth:`image_positions` table (the sampler does).
+        """
+        if positions is None:
+            positions = self.image_positions()
+        return self.image_embedding(image_ids) + positions[first : first + image_ids.shape[1]]
+
+    def mask_args(self, start: int, length: int, device: torch.device) -> dict[str, MaskArgs]:
+        """Attention arguments of each layer kind for queries ``start .. start+length-1``.
+
+        Keys are the positions ``0 .. start+length-1`` (the filled prefix).  Dense causal
+        attention uses SDPA's ``is_causal`` (no mask tensor, fastest kernel) when the
+        queries start at 0, and no mask at all for a single query, which may see every key.
+        """
+        cfg = self.config
+        out: dict[str, MaskArgs] = {}
+        for kind in set(self.kinds):
+            if kind == "full" and length == 1:
+                out[kind] = MaskArgs()
+            elif kind == "full" and start == 0:
+                out[kind] = MaskArgs(is_causal=True)
+            else:
+                mask = build_mask(kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel, device)
+                out[kind] = MaskArgs(mask[start : start + length, : start + length])
+        return out
+
+    def hidden_states(
+        self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None, masks: dict[str, MaskArgs] | None = None
+    ) -> torch.Tensor:
+        """Run the blocks and the final norm on embedded tokens ``x`` [B, L, d] at positions ``start..``."""
+        if masks is None:
+            masks = self.mask_args(start, x.shape[1], x.device)
+        x = self.drop(x)
+        use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            mask = masks[block.attn.kind]
+            if use_checkpoint:
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask, None if cache is None else cache[i], start)
+        return self.ln_f(x)
+
+    def new_cache(
+        self, batch: int, device: torch.device | str, dtype: torch.dtype, length: int | None = None
+    ) -> KVCache:
+        """Preallocated key/value cache; ``length`` defaults to ``S - 1`` (the last image token is never fed)."""
+        cfg = self.config
+        shape = (batch, cfg.n_heads, cfg.seq_len - 1 if length is None else length, cfg.head_dim)
+        return [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+                for _ in self.blocks]
+
+    # --- training interface ------------------------------------------------------
+
+    def check_tokens(self, text_ids: torch.Tensor, image_ids: torch.Tensor | None = None) -> None:
+        """Raise ValueError for token tensors of the wrong shape, type or range."""
+        cfg = self.config
+        if text_ids.dim() != 2 or text_ids.shape[1] != cfg.text_len:
+            raise ValueError(f"text_ids must be [B, {cfg.text_len}], got {list(text_ids.shape)}")
+        if text_ids.dtype != torch.long:
+            raise ValueError(f"text_ids must be int64 (torch.long), got {text_ids.dtype}")
+        if text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= cfg.text_vocab):
+            raise ValueError(f"text ids must lie in [0, {cfg.text_vocab}), "
+                             f"got [{int(text_ids.min())}, {int(text_ids.max())}]")
+        if image_ids is None:
+            return
+        g = cfg.image_grid
+        if image_ids.dim() != 3 or tuple(image_ids.shape[1:]) != (g, g) or image_ids.shape[0] != text_ids.shape[0]:
+            raise ValueError(f"image_ids must be [B, {g}, {g}] with B={text_ids.shape[0]}, got {list(image_ids.shape)}")
+        if image_ids.dtype != torch.long:
+            raise ValueError(f"image_ids must be int64 (torch.long), got {image_ids.dtype}")
+        if image_ids.numel() and (int(image_ids.min()) < 0 or int(image_ids.max()) >= cfg.image_vocab):
+            raise ValueError(f"image ids must lie in [0, {cfg.image_vocab}), "
+                             f"got [{int(image_ids.min())}, {int(image_ids.max())}]")
+
+    def forward(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits over the whole stream.
+
+        Args:
+            text_ids: ``[B, text_len]`` text ids (BPE ids and per-position pads).
+            image_ids: ``[B, grid, grid]`` dVAE codes.
+        Returns:
+            ``text_logits [B, text_len - 1, text_vocab]`` (predicting text tokens 1..T-1) and
+            ``image_logits [B, grid**2, image_vocab]`` (predicting image tokens 0..N-1).
+        """
+        self.check_tokens(text_ids, image_ids)
+        t = self.config.text_len
+        image_flat = image_ids.flatten(1)
+        # The last image token is only a target, never an input.
+        x = torch.cat([self.embed_text(text_ids), self.embed_image(image_flat[:, :-1])], dim=1)
+        h = self.hidden_states(x)
+        return self.text_head(h[:, : t - 1]), self.image_head(h[:, t - 1 :])
+
+    def loss(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted cross-entropy ``text_loss_weight * text + image_loss_weight * image``.
+
+        Each term is averaged over its own tokens.  Text targets that are padding ids do
+        *not* count: after a caption ends its pads are a fixed function of position, so
+        including them would fill the text average with trivially predictable tokens
+        (with 32 text positions and ~6-word captions, ~80% of it), shrinking the text
+        term's effective weight and inflating text accuracy.  The pads are still fed as
+        inputs, so the model sees the same stream either way.
+
+        Returns ``(loss, {"text_loss": ..., "image_loss": ...})`` (the parts detached).
+        """
+        text_logits, image_logits = self(text_ids, image_ids)
+        targets = text_ids[:, 1:]
+        real = targets < self.pad_start
+        text_sum = F.cross_entropy(
+            text_logits.reshape(-1, text_logits.shape[-1]).float(), targets.masked_fill(~real, -100).reshape(-1),
+            ignore_index=-100, reduction="sum",
+        )
+        text_loss = text_sum / real.sum().clamp(min=1)
+        image_loss = F.cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]).float(), image_ids.reshape(-1))
+        cfg = self.config
+        total = cfg.text_loss_weight * text_loss + cfg.image_loss_weight * image_loss
+        return total, {"text_loss": text_loss.detach(), "image_loss": image_loss.detach()}

@@ -1,0 +1,92 @@
+"""The transformer's attention masks against brute-force definitions, and the layer schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dalle.attention_masks import MASK_KINDS, build_mask, image_mask, layer_schedule
+
+
+def brute_force_mask(kind: str, text_len: int, grid: int, conv_kernel: int) -> torch.Tensor:
+    """The mask written straight from the definitions, one (query, key) pair at a time."""
+    s = text_len + grid * grid
+    mask = torch.zeros(s, s, dtype=torch.bool)
+    for q in range(s):
+        for k in range(s):
+            if k > q:
+                continue  # nothing attends to the future
+            if q < text_len:
+                mask[q, k] = True  # text: causal over text
+            elif k < text_len:
+                mask[q, k] = True  # image sees all text
+            else:
+                jq, jk = q - text_len, k - text_len
+                (rq, cq), (rk, ck) = divmod(jq, grid), divmod(jk, grid)
+                if kind == "full":
+                    ok = True
+                elif kind == "row":
+                    ok = jq - jk < grid  # the previous `grid` tokens in raster order, itself included
+                elif kind == "column":
+                    ok = ck == cq
+                elif kind == "conv":
+                    ok = abs(rq - rk) <= conv_kernel // 2 and abs(cq - ck) <= conv_kernel // 2
+                mask[q, k] = ok
+    return mask
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("text_len,grid,conv_kernel", [(3, 4, 3), (5, 3, 3), (2, 5, 5), (1, 4, 11), (4, 6, 3)])
+def test_masks_match_brute_force(kind, text_len, grid, conv_kernel):
+    built = build_mask(kind, text_len, grid, conv_kernel)
+    assert built.dtype == torch.bool and built.shape == (text_len + grid**2,) * 2
+    assert torch.equal(built, brute_force_mask(kind, text_len, grid, conv_kernel))
+
+
+def test_row_mask_on_4x4_grid_is_a_one_row_window():
+    m = image_mask("row", 4)
+    # Token (1, 0) = raster index 4 sees the rest of row 0 and itself.
+    assert m[4].nonzero().flatten().tolist() == [1, 2, 3, 4]
+    assert m[15].nonzero().flatten().tolist() == [12, 13, 14, 15]
+
+
+def test_column_and_conv_masks_on_4x4_grid():
+    col = image_mask("column", 4)
+    assert col[13].nonzero().flatten().tolist() == [1, 5, 9, 13]  # (3, 1): its column so far
+    conv = image_mask("conv", 4, conv_kernel=3)
+    # (2, 2) = index 10 sees (1,1) (1,2) (1,3) (2,1) (2,2): the causal half of its 3x3 window.
+    assert conv[10].nonzero().flatten().tolist() == [5, 6, 7, 9, 10]
+
+
+def test_every_position_sees_itself_and_nothing_later():
+    for kind in MASK_KINDS:
+        m = build_mask(kind, 4, 5, 3)
+        assert m.diagonal().all()
+        assert not m.triu(1).any()
+
+
+def test_masks_are_cached():
+    assert build_mask("conv", 3, 4, 3) is build_mask("conv", 3, 4, 3)
+    assert build_mask("row", 3, 4, 3) is build_mask("row", 3, 4, 7)  # the kernel does not matter for rows
+
+
+def test_paper_schedule():
+    assert layer_schedule(8) == ["row", "row", "column", "row", "row", "row", "column", "conv"]
+    kinds = layer_schedule(64)
+    assert kinds[-1] == "conv"
+    assert [i for i, k in enumerate(kinds) if k == "column"] == list(range(2, 63, 4))
+    assert kinds.count("row") == 64 - 1 - 16
+    assert layer_schedule(1) == ["conv"]
+    assert layer_schedule(5, "full") == ["full"] * 5
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: build_mask("diagonal", 3, 4), "unknown mask kind"),
+    (lambda: build_mask("conv", 3, 4, 4), "odd"),
+    (lambda: build_mask("row", 0, 4), "positive"),
+    (lambda: layer_schedule(4, "sparse_ish"), "attention must be"),
+    (lambda: layer_schedule(0), "at least 1"),
+])
+def test_bad_arguments_raise_clear_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

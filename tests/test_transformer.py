@@ -1,0 +1,171 @@
+"""The DALL-E transformer: shapes, causality, sparse masks in effect, the loss, counting, saving."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle.config import ConfigError, TransformerConfig, get_preset
+from dalle.transformer import DalleTransformer
+
+TEXT_LEN, GRID, TEXT_VOCAB, IMAGE_VOCAB = 6, 4, 30, 20  # ids >= 24 are the 6 per-position pads
+
+
+def tiny_config(**overrides) -> TransformerConfig:
+    base = dict(n_layers=4, n_heads=2, head_dim=8, text_vocab=TEXT_VOCAB, text_len=TEXT_LEN,
+                image_vocab=IMAGE_VOCAB, image_grid=GRID, attention="sparse", conv_kernel=3)
+    base.update(overrides)
+    return TransformerConfig(**base)
+
+
+def random_batch(b: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, TEXT_VOCAB - TEXT_LEN, (b, TEXT_LEN), generator=g)
+    text[:, 4:] = torch.arange(TEXT_VOCAB - TEXT_LEN + 4, TEXT_VOCAB)  # the caption ends: pads
+    images = torch.randint(0, IMAGE_VOCAB, (b, GRID, GRID), generator=g)
+    return text, images
+
+
+def model_for(config: TransformerConfig, seed: int = 0) -> DalleTransformer:
+    torch.manual_seed(seed)
+    return DalleTransformer(config).eval()
+
+
+def test_forward_shapes_and_schedule():
+    model = model_for(tiny_config())
+    text, images = random_batch()
+    text_logits, image_logits = model(text, images)
+    assert text_logits.shape == (3, TEXT_LEN - 1, TEXT_VOCAB)
+    assert image_logits.shape == (3, GRID * GRID, IMAGE_VOCAB)
+    assert [b.attn.kind for b in model.blocks] == ["row", "row", "column", "conv"]
+
+
+@pytest.mark.parametrize("attention", ["full", "sparse"])
+def test_predictions_never_depend_on_later_tokens(attention):
+    model = model_for(tiny_config(attention=attention))
+    text, images = random_batch()
+    _, base = model(text, images)
+    for j in (0, 5, 15):
+        changed = images.clone().flatten(1)
+        changed[:, j] = (changed[:, j] + 1) % IMAGE_VOCAB
+        _, out = model(text, changed.view_as(images))
+        # Logits at index i predict image token i: they may depend on tokens < i only.
+        assert torch.allclose(out[:, : j + 1], base[:, : j + 1], atol=1e-6)
+        if j < 15:
+            assert not torch.allclose(out[:, j + 1 :], base[:, j + 1 :], atol=1e-6)
+
+
+def test_every_image_prediction_depends_on_the_text():
+    model = model_for(tiny_config())
+    text, images = random_batch()
+    _, base = model(text, images)
+    changed = text.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % (TEXT_VOCAB - TEXT_LEN)
+    _, out = model(changed, images)
+    assert ((out - base).abs().amax(dim=-1) > 1e-6).all()
+
+
+def test_one_conv_layer_sees_only_its_causal_neighbourhood():
+    # A one-layer sparse model is a single conv layer (3x3 kernel): the prediction of
+    # token j+1 reads from position j = (r, c) only its causal 3x3 half-window.
+    model = model_for(tiny_config(n_layers=1))
+    assert model.kinds == ["conv"]
+    text, images = random_batch(b=1)
+    _, base = model(text, images)
+    query = 2 * GRID + 2  # position of token (2, 2) predicts token index 11
+    for key in range(query + 1):
+        changed = images.clone().flatten(1)
+        changed[:, key] = (changed[:, key] + 1) % IMAGE_VOCAB
+        _, out = model(text, changed.view_as(images))
+        (rq, cq), (rk, ck) = divmod(query, GRID), divmod(key, GRID)
+        visible = abs(rq - rk) <= 1 and abs(cq - ck) <= 1
+        moved = not torch.allclose(out[:, query + 1], base[:, query + 1], atol=1e-6)
+        assert moved == visible, (key, visible)
+
+
+def test_loss_is_the_weighted_mean_of_text_and_image_cross_entropies_without_pads():
+    model = model_for(tiny_config())
+    text, images = random_batch()
+    loss, parts = model.loss(text, images)
+    text_logits, image_logits = model(text, images)
+    # Targets are text tokens 1..5; tokens 4 and 5 are pads and do not count.
+    expected_text = F.cross_entropy(text_logits[:, :3].reshape(-1, TEXT_VOCAB), text[:, 1:4].reshape(-1))
+    expected_image = F.cross_entropy(image_logits.reshape(-1, IMAGE_VOCAB), images.reshape(-1))
+    assert torch.allclose(parts["text_loss"], expected_text, atol=1e-6)
+    assert torch.allclose(parts["image_loss"], expected_image, atol=1e-6)
+    assert torch.allclose(loss, expected_text / 8 + expected_image * 7 / 8, atol=1e-6)
+    # A batch of captions that are all padding has a zero text term, not NaN.
+    pads_only = torch.arange(TEXT_VOCAB - TEXT_LEN, TEXT_VOCAB).expand(3, TEXT_LEN)
+    loss, parts = model.loss(pads_only, images)
+    assert parts["text_loss"] == 0 and torch.isfinite(loss)
+
+
+def test_loss_weights_come_from_the_config():
+    model = model_for(tiny_config(text_loss_weight=0.0, image_loss_weight=1.0))
+    text, images = random_batch()
+    loss, parts = model.loss(text, images)
+    assert torch.allclose(loss, parts["image_loss"])
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    text, images = random_batch()
+    grads = []
+    for flag in (False, True):
+        model = model_for(tiny_config()).train()
+        model.gradient_checkpointing = flag
+        model.loss(text, images)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_paper_model_counts_12_billion_parameters_on_the_meta_device():
+    model = DalleTransformer.on_meta(get_preset("paper").transformer)
+    assert all(p.is_meta for p in model.parameters())
+    non_embedding = model.count_parameters(non_embedding=True)
+    total = model.count_parameters()
+    assert abs(non_embedding - 12e9) / 12e9 < 0.01, non_embedding
+    d, layers = 3968, 64
+    assert non_embedding == layers * (12 * d * d + 13 * d) + 2 * d  # blocks (with biases, norms) + final norm
+    embeddings = (16384 + 256) * d * 2 + 8192 * d * 2 + 256 * d + 2 * 32 * d  # tables, positions, heads
+    assert total == non_embedding + embeddings
+    assert math.isclose(total / 1e9, 12.29, abs_tol=0.01)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = model_for(tiny_config())
+    model.save_pretrained(tmp_path / "transformer")
+    loaded = DalleTransformer.from_pretrained(tmp_path / "transformer")
+    assert loaded.config == model.config
+    text, images = random_batch()
+    for a, b in zip(model(text, images), loaded(text, images)):
+        assert torch.equal(a, b)
+
+
+def test_bad_inputs_and_configs_raise_clear_errors():
+    model = model_for(tiny_config())
+    text, images = random_batch()
+    with pytest.raises(ValueError, match=r"text_ids must be \[B, 6\]"):
+        model(text[:, :5], images)
+    with pytest.raises(ValueError, match="image_ids must be"):
+        model(text, images[:, :3])
+    with pytest.raises(ValueError, match="image ids must lie in"):
+        model(text, images + IMAGE_VOCAB)
+    with pytest.raises(ValueError, match="text ids must lie in"):
+        model(text - 100, images)
+    with pytest.raises(ValueError, match="int64"):
+        model(text.int(), images)
+    with pytest.raises(ConfigError, match="conv_kernel"):
+        DalleTransformer(tiny_config(conv_kernel=4))
+    with pytest.raises(ConfigError, match="attention"):
+        DalleTransformer(tiny_config(attention="dense"))
+
+
+def test_dropout_acts_in_training_only():
+    model = model_for(tiny_config(dropout=0.2))
+    text, images = random_batch()
+    assert torch.equal(model(text, images)[1], model(text, images)[1])
+    model.train()
+    assert not torch.equal(model(text, images)[1], model(text, images)[1])
