@@ -34,7 +34,7 @@ when ``(i - 2) % 4 == 0``, ``conv`` in the last layer and ``row`` elsewhere.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -169,3 +169,131 @@ def allowed_keys(
         mask = _build_mask_cpu(kind, text_len, grid, conv_kernel)
         _DEVICE_CACHE[key] = [row.nonzero().flatten().to(device or "cpu") for row in mask]
     return _DEVICE_CACHE[key]
+
+
+# --- FlexAttention: masks that skip work ---------------------------------------------------
+#
+# A dense boolean mask only *hides* scores: the kernel still computes every (query, key)
+# pair.  FlexAttention (``torch.nn.attention.flex_attention``) takes the mask as a function
+# of (query, key) and a *block mask* -- which 128 x 128 tiles hold any allowed pair -- and
+# computes only those tiles.  At the paper's 256 + 32x32 layout a row layer touches about a
+# third of the tiles a dense kernel computes.
+#
+# A column layer is sparse in a way raster order hides: a query's allowed keys are one in
+# every ``grid``, so every tile below the diagonal holds some.  The paper transposes the image
+# states for these layers (appendix B.1); we do the same by reordering the stream before the
+# attention -- text first, then the image tokens column by column -- where a column is a
+# contiguous run and the pattern becomes a narrow band of tiles.  The reordering relabels
+# queries and keys, so the result, put back in raster order, is exactly the same attention.
+
+
+def mask_mod(
+    kind: str, text_len: int, grid: int, conv_kernel: int = 11, order: torch.Tensor | None = None
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The mask of :func:`build_mask` as FlexAttention's ``mask_mod(b, h, q, k) -> bool``.
+
+    ``order`` (optional, a LongTensor on the attention's device) maps positions of a
+    reordered stream to positions of the raster stream: the returned function is then the
+    mask between reordered positions, ``mask[order[q], order[k]]``.
+    """
+    _check(kind, text_len, grid, conv_kernel)
+    half = conv_kernel // 2
+
+    def allowed(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        if order is not None:
+            q, k = order[q], order[k]
+        causal = k <= q
+        if kind == "full":
+            return causal
+        jq, jk = q - text_len, k - text_len  # image raster indices (negative on text positions)
+        if kind == "row":
+            image = jq - jk < grid
+        elif kind == "column":
+            image = (jq % grid) == (jk % grid)
+        else:  # conv
+            image = ((jq // grid - jk // grid).abs() <= half) & ((jq % grid - jk % grid).abs() <= half)
+        # A text key is allowed whenever it is causal; an image key (hence an image query) by its kind.
+        return causal & ((k < text_len) | image)
+
+    return allowed
+
+
+def column_major_order(text_len: int, grid: int, length: int) -> torch.Tensor:
+    """Stream positions ``0 .. length-1`` reordered: text, then the image tokens column by column.
+
+    ``order[i]`` is the raster-stream position placed at ``i``.  Only the image tokens the
+    stream holds (``length - text_len`` of them, in raster order) are reordered.
+    """
+    if not text_len <= length <= text_len + grid * grid:
+        raise ValueError(f"length must be in [{text_len}, {text_len + grid * grid}], got {length}")
+    present = torch.arange(length - text_len)
+    column_major = sorted(present.tolist(), key=lambda j: (j % grid, j // grid))
+    return torch.cat([torch.arange(text_len), text_len + torch.tensor(column_major, dtype=torch.long)])
+
+
+class FlexMask(NamedTuple):
+    """A FlexAttention block mask for one layer kind and stream length, and the stream order it assumes.
+
+    ``order`` / ``inverse``: None for raster order; else queries, keys and values are taken
+    in ``order`` and the output is put back with ``inverse`` (``order[inverse] == arange``).
+    """
+
+    block_mask: Any
+    order: torch.Tensor | None
+    inverse: torch.Tensor | None
+
+
+def flex_available() -> bool:
+    """Whether this PyTorch has FlexAttention (``torch.nn.attention.flex_attention``)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flex_mask(
+    kind: str, text_len: int, grid: int, conv_kernel: int, length: int, device: torch.device | str,
+    block_size: int = 128,
+) -> FlexMask:
+    """The :class:`FlexMask` of ``kind`` for queries and keys ``0 .. length-1``, cached per device.
+
+    Column layers are given the column-major order (see the section comment); the others
+    keep raster order.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    _check(kind, text_len, grid, conv_kernel)
+    if kind != "conv":
+        conv_kernel = 0
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must share one entry
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = ("flex", kind, text_len, grid, conv_kernel, length, str(device), block_size)
+    if key not in _DEVICE_CACHE:
+        order = inverse = None
+        if kind == "column":
+            order = column_major_order(text_len, grid, length).to(device)
+            inverse = torch.argsort(order)
+        mod = mask_mod(kind, text_len, grid, max(conv_kernel, 1), order)
+        block_mask = create_block_mask(mod, None, None, length, length, device=str(device), BLOCK_SIZE=block_size)
+        _DEVICE_CACHE[key] = FlexMask(block_mask, order, inverse)
+    return _DEVICE_CACHE[key]
+
+
+def tile_fraction(kind: str, text_len: int, grid: int, conv_kernel: int = 11, block_size: int = 128) -> float:
+    """Share of the ``block_size`` tiles of the whole (S-1) x (S-1) score matrix a FlexMask computes.
+
+    A dense masked kernel computes 1.0, a causal one about half; the ratio is the work
+    FlexAttention saves (CPU-only arithmetic, for reports and tests).
+    """
+    length = text_len + grid * grid - 1
+    mask = build_mask(kind, text_len, grid, conv_kernel)[:length, :length]
+    if kind == "column":
+        order = column_major_order(text_len, grid, length)
+        mask = mask[order][:, order]
+    tiles = -(-length // block_size)
+    padded = torch.zeros(tiles * block_size, tiles * block_size, dtype=torch.bool)
+    padded[:length, :length] = mask
+    touched = padded.view(tiles, block_size, tiles, block_size).any(dim=3).any(dim=1)
+    return float(touched.sum()) / tiles**2

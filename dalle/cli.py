@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--device", default=None)
     t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun: replicate (ddp) or fully shard (fsdp) the transformer (default ddp)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (GPU)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a model folder and write JSON")
@@ -213,7 +216,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dalle.train import train_component
 
     out = train_component(args.component, data=args.data, out=args.out, preset=args.preset, steps=args.steps,
-                          minutes=args.minutes, resume=args.resume, device=args.device, seed=args.seed)
+                          minutes=args.minutes, resume=args.resume, device=args.device, seed=args.seed,
+                          strategy=args.strategy, compile=args.compile)
     print(f"trained {args.component}: {out}")
     return 0
 

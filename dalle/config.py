@@ -76,6 +76,9 @@ class DVAEConfig:
     # Reconstruction term: "logit_laplace" (the paper's NLL with a per-pixel learned
     # scale) or "mse" (on [0, 1] pixels).
     recon_loss: Literal["logit_laplace", "mse"] = "logit_laplace"
+    # Gumbel only: feed the decoder the one-hot argmax of the relaxed sample while the
+    # gradient follows the relaxation (straight-through); False is the paper's.
+    straight_through: bool = False
 
     def __post_init__(self) -> None:
         self.width_multipliers = tuple(self.width_multipliers)  # JSON gives a list
@@ -95,7 +98,10 @@ class TransformerConfig:
 
     ``attention`` = ``"sparse"`` uses the paper's per-layer schedule (column when
     ``(i - 2) % 4 == 0``, convolutional in the last layer, row elsewhere);
-    ``"full"`` uses dense causal attention in every layer.
+    ``"full"`` uses dense causal attention in every layer.  ``attention_impl`` picks the
+    kernel of the sparse layers: ``"dense"`` (masked scaled-dot-product attention, the
+    reference), ``"flex"`` (FlexAttention block masks, which skip the masked-out tiles) or
+    ``"auto"`` (flex on CUDA, dense elsewhere); it changes speed, not results.
     """
 
     n_layers: int = 64
@@ -111,6 +117,7 @@ class TransformerConfig:
     dropout: float = 0.0
     text_loss_weight: float = PAPER_TEXT_LOSS_WEIGHT
     image_loss_weight: float = PAPER_IMAGE_LOSS_WEIGHT
+    attention_impl: Literal["auto", "dense", "flex"] = "auto"
 
     @property
     def d_model(self) -> int:

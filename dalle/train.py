@@ -113,11 +113,20 @@ def build_or_open_token_cache(dataset, out: Path, device: str):
 
 def train_component(component: str, *, data: str, out: Path, preset: str = "shapes", steps: int | None = None,
                     minutes: float | None = None, resume: bool = False, device: str | None = None,
-                    seed: int | None = None) -> Path:
-    """Train ``component`` (or ``all``) on ``data`` into the model folder ``out``."""
+                    seed: int | None = None, strategy: str = "ddp", compile: bool = False) -> Path:
+    """Train ``component`` (or ``all``) on ``data`` into the model folder ``out``.
+
+    Under ``torchrun`` every rank runs this; files shared by all ranks (the config,
+    the tokenizer, the token cache) are written by rank 0 first, then read by the rest.
+    """
+    from dalle.training.distributed import barrier, init_distributed, main_process_first
+
     out = Path(out)
-    device = resolve_device(device)
-    config = model_config(out, preset)
+    info = init_distributed(resolve_device(device))
+    device = str(info.device)
+    log = print if info.is_main else (lambda *a, **k: None)
+    with main_process_first(info):
+        config = model_config(out, preset)
     dataset = open_training_data(data, "train", seed=config.train.seed if seed is None else seed,
                                  shapes_size=config.train.shapes_size)
     stages = ["tokenizer", "dvae", "transformer", "clip"] if component == "all" else [component]
@@ -127,32 +136,42 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
     for stage in stages:
         done = (out / stage).is_dir()
         if whole and resume and done:
-            print(f"[{stage}] already trained in {out / stage}; skipping")
+            log(f"[{stage}] already trained in {out / stage}; skipping")
             continue
         budget = _budget(minutes, TIME_SHARES.get(stage, 0.0), stage, whole)
-        print(f"[{stage}] training" + (f" for {budget:.1f} min" if budget else ""))
+        log(f"[{stage}] training" + (f" for {budget:.1f} min" if budget else ""))
         if stage == "tokenizer":
-            train_tokenizer(dataset, out, config)
+            if info.is_main:
+                train_tokenizer(dataset, out, config)
+            barrier(info)
         elif stage == "dvae":
             from dalle.training.dvae import train_dvae
 
-            train_dvae(dataset, out, config, minutes=budget, **common)
+            # The dVAE and CLIP are small: under torchrun rank 0 trains them while the
+            # others wait (CLIP's contrastive loss also wants every negative on one rank).
+            if info.is_main:
+                train_dvae(dataset, out, config, minutes=budget, **common)
+            barrier(info)
         elif stage == "transformer":
             from dalle.dvae import DiscreteVAE
             from dalle.tokenizer import TextTokenizer
             from dalle.training.transformer import train_transformer
 
             tokenizer = _need_tokenizer(out)
-            cache = build_or_open_token_cache(dataset, out, device)
+            with main_process_first(info):
+                cache = build_or_open_token_cache(dataset, out, device)
             dvae = DiscreteVAE.from_pretrained(out / "dvae", device=device)
-            train_transformer(cache, tokenizer, out, config, minutes=budget, dvae=dvae, **common)
+            train_transformer(cache, tokenizer, out, config, minutes=budget, dvae=dvae, strategy=strategy,
+                              compile=compile, **common)
         elif stage == "clip":
             from dalle.training.clip import train_clip
 
-            train_clip(dataset, _need_tokenizer(out), out, config, minutes=budget, **common)
+            if info.is_main:
+                train_clip(dataset, _need_tokenizer(out), out, config, minutes=budget, **common)
+            barrier(info)
         else:  # pragma: no cover - argparse restricts the choices
             raise ConfigError(f"unknown component {stage}")
-    print(f"done in {(time.time() - started) / 60:.1f} min")
+    log(f"done in {(time.time() - started) / 60:.1f} min")
     return out
 
 

@@ -21,20 +21,28 @@ Blocks are pre-norm (``x + attn(ln(x))``, ``x + mlp(ln(x))``); each layer's atte
 mask kind (full / row / column / conv, :mod:`dalle.attention_masks`) is fixed at
 construction.  The same code path serves training (whole sequence, no cache) and
 sampling (a preallocated key/value cache, see :mod:`dalle.sampling`).
+
+Attention runs on one of two paths (``TransformerConfig.attention_impl``): ``dense``,
+PyTorch's scaled-dot-product attention under a boolean mask (the reference, and the CPU
+path), or ``flex``, FlexAttention with block masks, where the row, column and conv
+layers compute only the tiles their masks allow.  ``auto`` takes flex on CUDA for the
+sparse layers of a whole-sequence pass and dense everywhere else (one-token decoding
+reads only the allowed keys already).  Full layers always use SDPA's causal kernel.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dalle.attention_masks import build_mask, layer_schedule
+from dalle.attention_masks import build_mask, flex_available, flex_mask, layer_schedule
 from dalle.config import ConfigError, TransformerConfig
 
 
@@ -44,16 +52,70 @@ class MaskArgs(NamedTuple):
     ``mask``: bool ``[L, keys]``, True = may attend (None: no mask); ``is_causal``: let SDPA
     apply the causal mask itself; ``keys``: with a cache, the positions of the cached keys
     to attend to (a sparse layer's allowed keys when decoding one token), instead of the
-    whole filled prefix.
+    whole filled prefix.  ``flex``: a :class:`dalle.attention_masks.FlexMask` for the
+    FlexAttention path (whole sequence, no cache); ``mask`` is then kept as the fallback.
     """
 
     mask: torch.Tensor | None = None
     is_causal: bool = False
     keys: torch.Tensor | None = None
+    flex: Any = None
 
 
 # Per layer (key cache, value cache), each [B, n_heads, S - 1, head_dim], written in place.
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+ATTENTION_IMPLS = ("auto", "dense", "flex")
+# Set when a FlexAttention call failed (no Triton, an unsupported GPU...): from then on the
+# process uses the dense path, after one warning, instead of failing every step.
+_FLEX_BROKEN: list[str] = []
+
+
+def flex_works_on(device: torch.device) -> bool:
+    """Whether ``auto`` may pick FlexAttention on ``device``: CUDA with FlexAttention and Triton."""
+    if device.type != "cuda" or _FLEX_BROKEN or not flex_available():
+        return False
+    try:
+        from torch.utils._triton import has_triton
+
+        return bool(has_triton())
+    except ImportError:
+        return False
+
+
+_compiled_flex: Any = None
+
+
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
+    """FlexAttention over ``[B, H, L, D]`` tensors with a block mask.
+
+    On CUDA the kernel must be compiled to be fused (and to skip the empty tiles): the
+    function is compiled once per process, or inlined when the caller is already being
+    compiled.  On the CPU, PyTorch runs an unfused reference (forward only, no gradient),
+    which only serves to check the path against the dense one.
+    """
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if q.device.type == "cpu":
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            raise RuntimeError("attention_impl='flex' cannot train on the CPU (PyTorch's FlexAttention has no "
+                               "CPU backward); use attention_impl='auto' or 'dense'")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "called without torch.compile": expected here
+            return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        import torch._dynamo as dynamo
+
+        # One compiled kernel per (layer kind, shape, dtype, grad mode): training, evaluation and a
+        # last partial batch already make ~9; past the limit PyTorch would silently run the unfused
+        # reference, which materialises every score.
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
 def check_config(config: TransformerConfig) -> None:
@@ -70,6 +132,11 @@ def check_config(config: TransformerConfig) -> None:
         problems.append(f"conv_kernel must be a positive odd number (got {config.conv_kernel})")
     if not 0.0 <= config.dropout < 1.0:
         problems.append(f"dropout must be in [0, 1) (got {config.dropout})")
+    impl = getattr(config, "attention_impl", "dense")
+    if impl not in ATTENTION_IMPLS:
+        problems.append(f"attention_impl must be one of {ATTENTION_IMPLS} (got {impl!r})")
+    elif impl == "flex" and config.dropout > 0:
+        problems.append("attention_impl='flex' has no attention dropout; set dropout=0 or use 'auto'/'dense'")
     if problems:
         raise ConfigError("transformer config: " + "; ".join(problems))
 
@@ -112,6 +179,15 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: MaskArgs, cache: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0
     ) -> torch.Tensor:
+        if mask.flex is not None and cache is None:
+            if torch.compiler.is_compiling() or x.device.type == "cpu":
+                return self._forward_flex(x, mask.flex)
+            try:
+                return self._forward_flex(x, mask.flex)
+            except Exception as e:  # noqa: BLE001 - any kernel/compiler failure: fall back, once, loudly
+                _FLEX_BROKEN.append(f"{type(e).__name__}: {e}")
+                warnings.warn(f"FlexAttention failed ({type(e).__name__}: {str(e)[:300]}); "
+                              "using dense masked attention from now on", stacklevel=2)
         b, length, d = x.shape
         # [B, L, 3, H, D] -> three [B, H, L, D] views
         q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -127,6 +203,40 @@ class Attention(nn.Module):
                 k, v = k_cache[:, :, :end], v_cache[:, :, :end]
         y = attend(q, k, v, mask.mask, mask.is_causal, self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, length, d))
+
+    def decode_static(
+        self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], position: torch.Tensor, allowed: torch.Tensor
+    ) -> torch.Tensor:
+        """One token ``x [B, 1, d]`` at stream ``position`` (a one-element LongTensor), with static shapes.
+
+        Writes its key/value at ``position`` and attends over the *whole* cache under
+        ``allowed [1, keys]`` (its mask row, False beyond ``position``), so every call has
+        the same shapes and no host synchronisation: what a CUDA graph needs.  The cache
+        must hold finite values everywhere (zeros where unfilled): masked keys get weight
+        0, and 0 * NaN would still be NaN.
+        """
+        b, _, d = x.shape
+        q, k, v = self.qkv(x).view(b, 1, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k_cache, v_cache = cache
+        k_cache.index_copy_(2, position, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, position, v.to(v_cache.dtype))
+        scores = (q.to(k_cache.dtype) @ k_cache.transpose(-1, -2)).float() * (self.head_dim ** -0.5)
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        y = weights.to(v_cache.dtype) @ v_cache
+        return self.proj(y.to(x.dtype).transpose(1, 2).reshape(b, 1, d))
+
+    def _forward_flex(self, x: torch.Tensor, flex: Any) -> torch.Tensor:
+        """Whole-sequence attention through FlexAttention, in the mask's stream order."""
+        b, length, d = x.shape
+        if flex.order is not None:  # e.g. column layers: attend in column-major order
+            x = x.index_select(1, flex.order)
+        q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # FlexAttention wants one dtype and contiguous inputs (autocast leaves q, k, v in bf16).
+        y = flex_attend(q.contiguous(), k.contiguous(), v.contiguous(), flex.block_mask)
+        y = y.transpose(1, 2).reshape(b, length, d)
+        if flex.inverse is not None:
+            y = y.index_select(1, flex.inverse)
+        return self.proj(y)
 
 
 class MLP(nn.Module):
@@ -156,6 +266,13 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), mask, cache, start))
         return x + self.drop(self.mlp(self.ln2(x)))
+
+    def decode_static(
+        self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], position: torch.Tensor, allowed: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`forward` for one token with static shapes (see :meth:`Attention.decode_static`)."""
+        x = x + self.attn.decode_static(self.ln1(x), cache, position, allowed)
+        return x + self.mlp(self.ln2(x))
 
 
 class DalleTransformer(nn.Module):
@@ -257,12 +374,26 @@ class DalleTransformer(nn.Module):
             positions = self.image_positions()
         return self.image_embedding(image_ids) + positions[first : first + image_ids.shape[1]]
 
-    def mask_args(self, start: int, length: int, device: torch.device) -> dict[str, MaskArgs]:
+    def use_flex(self, device: torch.device | str) -> bool:
+        """Whether a whole-sequence pass on ``device`` takes the FlexAttention path (see the module docstring)."""
+        impl = getattr(self.config, "attention_impl", "dense")
+        if impl == "dense" or all(kind == "full" for kind in self.kinds):
+            return False
+        if impl == "flex":
+            return flex_available() and not _FLEX_BROKEN
+        # auto: CUDA only, and only without attention dropout (FlexAttention has none).
+        return flex_works_on(torch.device(device)) and not (self.training and self.config.dropout > 0)
+
+    def mask_args(
+        self, start: int, length: int, device: torch.device, flex: bool = False
+    ) -> dict[str, MaskArgs]:
         """Attention arguments of each layer kind for queries ``start .. start+length-1``.
 
         Keys are the positions ``0 .. start+length-1`` (the filled prefix).  Dense causal
         attention uses SDPA's ``is_causal`` (no mask tensor, fastest kernel) when the
         queries start at 0, and no mask at all for a single query, which may see every key.
+        ``flex=True`` (a whole-sequence pass without cache) adds FlexAttention block masks
+        for the sparse kinds.
         """
         cfg = self.config
         out: dict[str, MaskArgs] = {}
@@ -273,7 +404,10 @@ class DalleTransformer(nn.Module):
                 out[kind] = MaskArgs(is_causal=True)
             else:
                 mask = build_mask(kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel, device)
-                out[kind] = MaskArgs(mask[start : start + length, : start + length])
+                sparse = None
+                if flex and start == 0 and length > 1:
+                    sparse = flex_mask(kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel, length, device)
+                out[kind] = MaskArgs(mask[start : start + length, : start + length], flex=sparse)
         return out
 
     def hidden_states(
@@ -281,7 +415,8 @@ class DalleTransformer(nn.Module):
     ) -> torch.Tensor:
         """Run the blocks and the final norm on embedded tokens ``x`` [B, L, d] at positions ``start..``."""
         if masks is None:
-            masks = self.mask_args(start, x.shape[1], x.device)
+            flex = cache is None and x.shape[1] > 1 and self.use_flex(x.device)
+            masks = self.mask_args(start, x.shape[1], x.device, flex=flex)
         x = self.drop(x)
         use_checkpoint = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
@@ -334,7 +469,8 @@ class DalleTransformer(nn.Module):
             ``text_logits [B, text_len - 1, text_vocab]`` (predicting text tokens 1..T-1) and
             ``image_logits [B, grid**2, image_vocab]`` (predicting image tokens 0..N-1).
         """
-        self.check_tokens(text_ids, image_ids)
+        if not torch.compiler.is_compiling():  # the checks read values (a graph break under compile)
+            self.check_tokens(text_ids, image_ids)
         t = self.config.text_len
         image_flat = image_ids.flatten(1)
         # The last image token is only a target, never an input.
@@ -342,7 +478,14 @@ class DalleTransformer(nn.Module):
         h = self.hidden_states(x)
         return self.text_head(h[:, : t - 1]), self.image_head(h[:, t - 1 :])
 
-    def loss(self, text_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self,
+        text_ids: torch.Tensor,
+        image_ids: torch.Tensor,
+        *,
+        text_tokens: torch.Tensor | float | None = None,
+        image_tokens: torch.Tensor | float | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted cross-entropy ``text_loss_weight * text + image_loss_weight * image``.
 
         Each term is averaged over its own tokens.  Text targets that are padding ids do
@@ -351,6 +494,12 @@ class DalleTransformer(nn.Module):
         (with 32 text positions and ~6-word captions, ~80% of it), shrinking the text
         term's effective weight and inflating text accuracy.  The pads are still fed as
         inputs, so the model sees the same stream either way.
+
+        ``text_tokens`` / ``image_tokens`` replace this batch's counts of real text targets
+        and image tokens as the divisors: a step split into micro-batches or across
+        processes passes the *whole* step's counts, so the parts' losses add up to exactly
+        the whole batch's loss (a mean of per-part means would weigh the text tokens of a
+        part with short captions more).
 
         Returns ``(loss, {"text_loss": ..., "image_loss": ...})`` (the parts detached).
         """
@@ -361,8 +510,111 @@ class DalleTransformer(nn.Module):
             text_logits.reshape(-1, text_logits.shape[-1]).float(), targets.masked_fill(~real, -100).reshape(-1),
             ignore_index=-100, reduction="sum",
         )
-        text_loss = text_sum / real.sum().clamp(min=1)
-        image_loss = F.cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]).float(), image_ids.reshape(-1))
+        text_loss = text_sum / (real.sum().clamp(min=1) if text_tokens is None else text_tokens)
+        if image_tokens is None:
+            image_loss = F.cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]).float(), image_ids.reshape(-1))
+        else:
+            image_loss = F.cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]).float(), image_ids.reshape(-1),
+                                         reduction="sum") / image_tokens
         cfg = self.config
         total = cfg.text_loss_weight * text_loss + cfg.image_loss_weight * image_loss
         return total, {"text_loss": text_loss.detach(), "image_loss": image_loss.detach()}
+
+
+class StaticDecoder:
+    """Image-token decoding whose every step has the same shapes, replayed as a CUDA graph on the GPU.
+
+    At 32x32 image tokens a decoding step is a few hundred small kernels; launched one by
+    one from Python the GPU mostly waits for the launches.  This decoder keeps one
+    zero-initialised key/value cache ``[B, heads, S - 1, head_dim]`` per layer, feeds
+    image token ``j`` at stream position ``text_len + j`` through
+    :meth:`Block.decode_static` (attention over the whole cache under the layer's mask
+    row), and on CUDA captures that step once as a CUDA graph, so a step is one graph
+    launch.  Each step reads every cached key, not only the allowed ones, which costs
+    memory traffic on a sparse layer but keeps the shapes fixed.
+
+    Usage (the caller samples; ``model`` in eval mode, e.g. a ``prepare_for_sampling`` copy)::
+
+        decoder = StaticDecoder(model, batch=32)
+        logits = decoder.prefill(text_ids)             # predicts image token 0
+        for j in range(grid * grid - 1):
+            tokens[:, j] = sample(logits)
+            logits = decoder.step(tokens[:, j], j)     # predicts image token j + 1
+        tokens[:, -1] = sample(logits)
+
+    The returned logits live in a buffer the next ``step`` overwrites: copy them to keep them.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: DalleTransformer, batch: int, cuda_graph: bool | None = None, warmup: int = 2):
+        if model.training:
+            raise ValueError("StaticDecoder needs the model in eval mode (model.eval())")
+        self.model = model
+        cfg = model.config
+        param = next(model.parameters())
+        self.device, self.batch = param.device, batch
+        probe = torch.zeros(1, 1, cfg.d_model, device=self.device, dtype=param.dtype)
+        self.dtype = model.blocks[0].attn.qkv(probe).dtype
+        length = cfg.seq_len - 1
+        shape = (batch, cfg.n_heads, length, cfg.head_dim)
+        self.cache: KVCache = [(torch.zeros(shape, device=self.device, dtype=self.dtype),
+                                torch.zeros(shape, device=self.device, dtype=self.dtype)) for _ in model.blocks]
+        # Mask rows of every layer kind (True = may attend), indexed by the fed token's position.
+        self.tables = {kind: build_mask(kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel, self.device)[:length, :length]
+                       for kind in set(model.kinds)}
+        self.positions = model.image_positions().to(self.dtype if self.dtype.is_floating_point else param.dtype)
+        self.token = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.position = torch.full((1,), cfg.text_len, dtype=torch.long, device=self.device)
+        self.graph = None
+        self.logits: torch.Tensor | None = None
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        if cuda_graph:
+            if self.device.type != "cuda":
+                raise ValueError("cuda_graph=True needs the model on a CUDA device")
+            # Warm up on a side stream (lazy initialisations must not be captured), then capture.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA calls of other threads (e.g. a compiler's) do not break the capture.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.logits = self._step()
+            for k, v in self.cache:  # the warm-up wrote image position 0; start clean
+                k.zero_()
+                v.zero_()
+
+    def _step(self) -> torch.Tensor:
+        model, t = self.model, self.model.config.text_len
+        x = model.image_embedding(self.token)[:, None, :] + self.positions.index_select(0, self.position - t)[None]
+        rows = {kind: table.index_select(0, self.position) for kind, table in self.tables.items()}
+        for block, cache in zip(model.blocks, self.cache):
+            x = block.decode_static(x, cache, self.position, rows[block.attn.kind])
+        return model.image_head(model.ln_f(x)[:, 0])
+
+    @torch.inference_mode()
+    def prefill(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """Run the text (an ordinary batched pass into the cache); returns logits ``[B, image_vocab]`` of image token 0."""
+        if tuple(text_ids.shape) != (self.batch, self.model.config.text_len):
+            raise ValueError(f"text_ids must be [{self.batch}, {self.model.config.text_len}] for this decoder, "
+                             f"got {list(text_ids.shape)}")
+        self.model.check_tokens(text_ids)
+        h = self.model.hidden_states(self.model.embed_text(text_ids.to(self.device)), 0, self.cache)
+        return self.model.image_head(h[:, -1])
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, j: int) -> torch.Tensor:
+        """Feed image token ``j`` (``tokens [B]``); returns logits ``[B, image_vocab]`` of image token ``j + 1``."""
+        n = self.model.config.image_len
+        if not 0 <= j < n - 1:
+            raise ValueError(f"image token index must be in [0, {n - 1}) (the last token is never fed), got {j}")
+        self.token.copy_(tokens)
+        self.position.fill_(self.model.config.text_len + j)
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        assert self.logits is not None
+        return self.logits

@@ -90,3 +90,64 @@ def test_paper_schedule():
 def test_bad_arguments_raise_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- FlexAttention masks: the same pattern, and block masks that skip the empty tiles ----------
+
+flex = pytest.importorskip("torch.nn.attention.flex_attention", reason="this PyTorch has no FlexAttention")
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("text_len,grid,conv_kernel", [(3, 4, 3), (5, 6, 5), (1, 5, 3)])
+def test_flex_mask_mod_is_the_boolean_mask(kind, text_len, grid, conv_kernel):
+    from dalle.attention_masks import column_major_order, mask_mod
+
+    length = text_len + grid * grid - 1  # the transformer is fed all but the last image token
+    reference = build_mask(kind, text_len, grid, conv_kernel)[:length, :length]
+    dense = flex.create_mask(mask_mod(kind, text_len, grid, conv_kernel), None, None, length, length, device="cpu")
+    assert torch.equal(dense[0, 0], reference)
+    # In column-major order the same pairs attend: the mask is the reordered boolean mask.
+    order = column_major_order(text_len, grid, length)
+    reordered = flex.create_mask(mask_mod(kind, text_len, grid, conv_kernel, order), None, None, length, length,
+                                 device="cpu")
+    assert torch.equal(reordered[0, 0], reference[order][:, order])
+
+
+def test_column_major_order_puts_each_column_together():
+    from dalle.attention_masks import column_major_order
+
+    order = column_major_order(2, 3, 2 + 9 - 1)  # 2 text, 3x3 grid, the last image token absent
+    assert order.tolist() == [0, 1, 2, 5, 8, 3, 6, 9, 4, 7]
+    assert sorted(order.tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="length"):
+        column_major_order(2, 3, 12)
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_block_masks_compute_only_tiles_holding_allowed_pairs(kind):
+    from dalle.attention_masks import column_major_order, flex_mask
+
+    text_len, grid, kernel, block = 8, 12, 5, 16
+    length = text_len + grid * grid - 1
+    fm = flex_mask(kind, text_len, grid, kernel, length, "cpu", block_size=block)
+    mask = build_mask(kind, text_len, grid, kernel)[:length, :length]
+    if kind == "column":
+        assert fm.order is not None and torch.equal(fm.order[fm.inverse], torch.arange(length))
+        mask = mask[fm.order][:, fm.order]
+        assert torch.equal(fm.order, column_major_order(text_len, grid, length))
+    tiles = -(-length // block)
+    padded = torch.zeros(tiles * block, tiles * block, dtype=torch.bool)
+    padded[:length, :length] = mask
+    expected = padded.view(tiles, block, tiles, block).any(dim=3).any(dim=1)
+    assert torch.equal(fm.block_mask.to_dense()[0, 0].bool(), expected)
+    assert fm is flex_mask(kind, text_len, grid, kernel, length, "cpu", block_size=block)  # cached
+
+
+def test_sparse_layers_skip_most_tiles_at_the_paper_layout():
+    from dalle.attention_masks import tile_fraction
+
+    # Dense masked attention computes every tile (1.0), causal attention about half.
+    assert 0.5 < tile_fraction("full", 256, 32) < 0.6
+    assert tile_fraction("row", 256, 32) < 0.36
+    assert tile_fraction("column", 256, 32) < 0.3  # thanks to the column-major order
+    assert tile_fraction("conv", 256, 32, 11) < 0.42

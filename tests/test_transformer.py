@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -161,6 +162,10 @@ def test_bad_inputs_and_configs_raise_clear_errors():
         DalleTransformer(tiny_config(conv_kernel=4))
     with pytest.raises(ConfigError, match="attention"):
         DalleTransformer(tiny_config(attention="dense"))
+    with pytest.raises(ConfigError, match="attention_impl must be one of"):
+        DalleTransformer(tiny_config(attention_impl="triton"))
+    with pytest.raises(ConfigError, match="no attention dropout"):
+        DalleTransformer(tiny_config(attention_impl="flex", dropout=0.1))
 
 
 def test_dropout_acts_in_training_only():
@@ -169,3 +174,84 @@ def test_dropout_acts_in_training_only():
     assert torch.equal(model(text, images)[1], model(text, images)[1])
     model.train()
     assert not torch.equal(model(text, images)[1], model(text, images)[1])
+
+
+def test_parts_of_a_batch_add_up_to_the_whole_batch_loss():
+    """Micro-batches (or ranks) normalised by the whole batch's counts sum to the whole loss and gradient."""
+    model = model_for(tiny_config()).train()
+    text, images = random_batch(4)
+    text[2:, 2:] = torch.arange(TEXT_VOCAB - TEXT_LEN + 2, TEXT_VOCAB)  # shorter captions in the second half
+    whole, whole_parts = model.loss(text, images)
+    whole.backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    real = (text[:, 1:] < TEXT_VOCAB - TEXT_LEN).sum()
+    total = 0.0
+    for half in (slice(0, 2), slice(2, 4)):
+        loss, _ = model.loss(text[half], images[half], text_tokens=real, image_tokens=float(images.numel()))
+        loss.backward()
+        total = total + loss.detach()
+    assert torch.allclose(total, whole, atol=1e-6)
+    assert torch.allclose(torch.cat([p.grad.flatten() for p in model.parameters()]), expected, atol=1e-6)
+    assert whole_parts["text_loss"] > 0
+
+
+def test_flex_attention_gives_the_dense_results():
+    """FlexAttention block masks (column layers in column-major order) against dense masked SDPA.
+
+    On the CPU PyTorch runs FlexAttention unfused and forward only; the sequence spans two
+    128-token tiles so the block structure is exercised."""
+    pytest.importorskip("torch.nn.attention.flex_attention", reason="this PyTorch has no FlexAttention")
+    config = tiny_config(text_len=16, image_grid=12, text_vocab=40, attention="sparse", n_layers=4)
+    dense = model_for(dataclasses.replace(config, attention_impl="dense"))
+    flexed = model_for(dataclasses.replace(config, attention_impl="flex"))
+    assert dense.kinds == ["row", "row", "column", "conv"]
+    assert flexed.use_flex("cpu") and not dense.use_flex("cpu")
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(0, 24, (2, 16), generator=g)
+    images = torch.randint(0, IMAGE_VOCAB, (2, 12, 12), generator=g)
+    with torch.no_grad():
+        for a, b in zip(dense(text, images), flexed(text, images)):
+            assert torch.allclose(a, b, atol=2e-5), float((a - b).abs().max())
+    with pytest.raises(RuntimeError, match="cannot train on the CPU"):
+        flexed.train().loss(text, images)[0].backward()
+
+
+def test_auto_attention_is_dense_on_the_cpu_and_flex_masks_are_for_sparse_layers_only():
+    pytest.importorskip("torch.nn.attention.flex_attention", reason="this PyTorch has no FlexAttention")
+    model = model_for(tiny_config(attention_impl="auto"))
+    assert not model.use_flex("cpu")
+    cpu = torch.device("cpu")
+    assert all(m.flex is None for m in model.mask_args(0, 21, cpu).values())
+    masks = model.mask_args(0, 21, cpu, flex=True)
+    assert all(masks[k].flex is not None for k in ("row", "column", "conv"))
+    assert masks["column"].flex.order is not None and masks["row"].flex.order is None
+    full = model_for(tiny_config(attention="full", attention_impl="flex"))
+    assert not full.use_flex("cpu")  # full layers keep SDPA's causal kernel
+    assert masks_without_flex(full.mask_args(0, 21, cpu, flex=True))
+
+
+def masks_without_flex(masks) -> bool:
+    return all(m.flex is None for m in masks.values())
+
+
+@pytest.mark.parametrize("attention", ["full", "sparse"])
+def test_static_decoder_steps_give_the_training_logits(attention):
+    """The fixed-shape decoding step (CUDA-graph ready) predicts what the whole-sequence pass predicts."""
+    from dalle.transformer import StaticDecoder
+
+    model = model_for(tiny_config(attention=attention))
+    text, images = random_batch(3)
+    with torch.no_grad():
+        expected = model(text, images)[1]
+    decoder = StaticDecoder(model, batch=3)
+    assert decoder.graph is None  # CUDA graphs only on the GPU
+    got = [decoder.prefill(text).clone()]
+    flat = images.flatten(1)
+    for j in range(GRID * GRID - 1):
+        got.append(decoder.step(flat[:, j], j).clone())
+    assert torch.allclose(torch.stack(got, dim=1), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="image token index"):
+        decoder.step(flat[:, 0], GRID * GRID - 1)
+    with pytest.raises(ValueError, match="eval mode"):
+        StaticDecoder(model.train(), batch=3)

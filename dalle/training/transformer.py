@@ -16,7 +16,16 @@ Optimisation follows the paper's appendix B.2 where it scales down:
 * an exponential moving average of the weights, which is what gets exported;
 * bf16 autocast where the hardware does bf16 natively (CUDA, and CPUs with
   AVX512-BF16/AMX, where it trains ~1.4-1.6x faster than fp32 here); weights, the
-  residual stream and the losses stay fp32.
+  residual stream and the losses stay fp32.  On CUDA AdamW runs fused (one kernel
+  for all parameters) and ``compile=True`` compiles each block with ``torch.compile``.
+
+Several processes: under ``torchrun --nproc_per_node=N`` the same loop trains
+data-parallel (:mod:`dalle.training.distributed`), with ``strategy="ddp"`` (replicated
+weights) or ``"fsdp"`` (sharded weights).  The batch size is the *global* batch: every
+rank draws the same batch of step ``s`` and trains on its contiguous slice, and the loss
+of each slice is scaled so the averaged gradients are exactly those of the whole batch --
+so the loss curve matches a one-process run with the same batch.  Rank 0 writes the
+checkpoints (full tensors, loadable at any world size), logs, samples and export.
 
 Exact resume: the batch (items, captions, BPE dropout) of step ``s`` is a function of
 ``(seed, s)`` only and the checkpoint holds weights, optimizer, weight average and
@@ -40,9 +49,13 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, ImageDraw
 
+from torch import nn
+
 from dalle.config import DalleConfig
 from dalle.data.preprocess import derive_seed, make_generator
 from dalle.sampling import generate_images_tokens, native_bf16
+from dalle.training import distributed as dd
+from dalle.training.distributed import DistInfo
 from dalle.training.state import EMA, Checkpointer, NonFiniteGuard, warmup_cosine
 from dalle.transformer import DalleTransformer
 
@@ -62,28 +75,35 @@ CSV_FIELDS = ["step", "loss", "text_loss", "image_loss", "grad_norm", "lr", "tok
 
 
 def batch_for_step(
-    dataset: Any, tokenizer: Any, seed: int, step: int, batch_size: int
+    dataset: Any, tokenizer: Any, seed: int, step: int, batch_size: int, info: DistInfo | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Text ids ``[B, text_len]`` and image tokens ``[B, g, g]`` of step ``step``: a function of ``(seed, step)``.
 
     ``dataset[i]`` is ``(LongTensor[g, g], list[str])`` (a :class:`TokenCache` or any
-    sequence of such pairs); one caption per item is picked at random.
+    sequence of such pairs); one caption per item is picked at random.  With ``info``
+    (several processes) ``batch_size`` is the global batch and this rank's contiguous
+    slice of it is returned; only the slice is read and encoded.  Each item's caption
+    and BPE dropout are drawn from ``(seed, step, its place in the global batch)``, so
+    the slices of all ranks put together are exactly the one-process batch.
     """
     g = make_generator(seed, step, DATA_STREAM)
     indices = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
+    places = range(batch_size) if info is None else dd.shard_batch_indices(range(batch_size), info)
+    local = [indices[p] for p in places]
     if hasattr(dataset, "batch"):  # TokenCache: one read for the whole batch
-        images, caption_lists = dataset.batch(indices)
+        images, caption_lists = dataset.batch(local)
     else:
-        items = [dataset[i] for i in indices]
+        items = [dataset[i] for i in local]
         images = torch.stack([torch.as_tensor(tokens) for tokens, _ in items])
         caption_lists = [captions for _, captions in items]
-    captions = []
-    for i, caps in zip(indices, caption_lists):
+    rows = []
+    for place, i, caps in zip(places, local, caption_lists):
         if not caps:
             raise ValueError(f"data set item {i} has no caption; every image needs at least one")
-        captions.append(caps[int(torch.randint(len(caps), (1,), generator=g))])
-    text = tokenizer.encode_batch(captions, training=True, seed=derive_seed(seed, step, DATA_STREAM))
-    return text, images.long()
+        caption = caps[derive_seed(seed, step, DATA_STREAM, place, 0) % len(caps)]
+        rows.append(tokenizer.encode_batch([caption], training=True,
+                                           seed=derive_seed(seed, step, DATA_STREAM, place, 1)))
+    return torch.cat(rows), images.long()
 
 
 def _check_data(dataset: Any, tokenizer: Any, config: DalleConfig) -> None:
@@ -105,15 +125,22 @@ def _check_data(dataset: Any, tokenizer: Any, config: DalleConfig) -> None:
 # --- optimisation ------------------------------------------------------------------------
 
 
-def make_optimizer(model: DalleTransformer, lr: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on linear-layer matrices only (see the module docstring)."""
+def make_optimizer(model: nn.Module, lr: float, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on linear-layer matrices only (see the module docstring).
+
+    ``fused`` (default: on CUDA, for unsharded parameters) updates all parameters in one
+    kernel; the CPU keeps PyTorch's default (multi-tensor) implementation.
+    """
     decay, free = [], []
     for name, p in model.named_parameters():
         is_matrix = p.dim() >= 2 and not name.startswith(("text_embedding.", "text_position.", "image_embedding.",
                                                           "image_row.", "image_column."))
         (decay if is_matrix else free).append(p)
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": free, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+    params = decay + free
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda for p in params) and not dd.is_sharded(model)
+    return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, **({"fused": True} if fused else {}))
 
 
 def warmup_steps(configured: int, total: int) -> int:
@@ -128,22 +155,69 @@ def autocast_context(device: torch.device, enabled: bool | None = None) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
+class LossForward(nn.Module):
+    """The transformer's loss as a ``forward``, for DDP / FSDP to wrap.
+
+    Their gradient hooks are armed by the wrapped module's ``forward``; calling
+    ``model.loss`` directly would skip them.  Parameter names inside are ``model.*``;
+    checkpoints are taken from the transformer itself, so they keep the plain names.
+    """
+
+    def __init__(self, model: DalleTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text: torch.Tensor, images: torch.Tensor, text_tokens: torch.Tensor,
+                image_tokens: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.model.loss(text, images, text_tokens=text_tokens, image_tokens=image_tokens)
+
+
 def train_step(
-    model: DalleTransformer, text: torch.Tensor, images: torch.Tensor, grad_accum: int, autocast: Any
+    model: DalleTransformer, text: torch.Tensor, images: torch.Tensor, grad_accum: int, autocast: Any,
+    *, wrapped: nn.Module | None = None, info: DistInfo | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward and backward over ``grad_accum`` micro-batches; returns the mean loss and parts."""
+    """Forward and backward over ``grad_accum`` micro-batches of this rank's slice; returns the loss and parts.
+
+    Every micro-batch's loss is normalised by the counts of the *global* batch (all
+    micro-batches of all ranks), so the returned loss, summed over ranks, is the whole
+    batch's loss, and the gradients averaged over ranks are its gradients.  ``wrapped``:
+    the DDP/FSDP module (:func:`dalle.training.distributed.wrap_model` of a
+    :class:`LossForward`) through which a distributed step must run; ``info``: the job.
+    The returned values are this rank's share; :func:`reduce_losses` adds up the ranks'.
+    """
+    world = 1 if info is None else info.world_size
     micro = text.shape[0] // grad_accum
+    # Divisors of the whole step: real text targets of the global batch, and its image tokens.
+    text_tokens = (text[:, 1:] < model.pad_start).sum().to(torch.float32)
+    if info is not None:
+        text_tokens = dd.all_reduce_sum(text_tokens, info)
+    text_tokens = text_tokens.clamp(min=1)
+    image_tokens = float(images[0].numel() * text.shape[0] * world)
     total = torch.zeros((), device=text.device)
     parts = {"text_loss": torch.zeros((), device=text.device), "image_loss": torch.zeros((), device=text.device)}
     for i in range(grad_accum):
         sl = slice(i * micro, (i + 1) * micro)
-        with autocast:
-            loss, p = model.loss(text[sl], images[sl])
-        (loss / grad_accum).backward()
-        total += loss.detach() / grad_accum
+        with dd.gradient_sync(wrapped, i == grad_accum - 1) if wrapped is not None else nullcontext():
+            with autocast:
+                if wrapped is not None:
+                    loss, p = wrapped(text[sl], images[sl], text_tokens, image_tokens)
+                else:
+                    loss, p = model.loss(text[sl], images[sl], text_tokens=text_tokens, image_tokens=image_tokens)
+            # The ranks' gradients are averaged: scale by the world size to get their sum.
+            (loss * world if world > 1 else loss).backward()
+        total += loss.detach()
         for k in parts:
-            parts[k] += p[k] / grad_accum
+            parts[k] += p[k]
     return total, parts
+
+
+def reduce_losses(loss: torch.Tensor, parts: dict[str, torch.Tensor], info: DistInfo
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The whole batch's loss and parts from each rank's share (one all-reduce; identity on one process)."""
+    if not info.distributed:
+        return loss, parts
+    packed = dd.all_reduce_sum(torch.stack([loss, parts["text_loss"], parts["image_loss"]]).float(), info)
+    return packed[0], {"text_loss": packed[1], "image_loss": packed[2]}
 
 
 # --- evaluation and samples ---------------------------------------------------------------
@@ -241,7 +315,7 @@ def estimate_steps(model: DalleTransformer, text: torch.Tensor, images: torch.Te
                    grad_accum: int, autocast: Any) -> tuple[int, float]:
     """Steps that fit in ``minutes``, timed on a copy of the model (the run's random state untouched)."""
     probe = copy.deepcopy(model).train()
-    opt = torch.optim.AdamW(probe.parameters(), lr=1e-9)
+    opt = make_optimizer(probe, 1e-9)
     times = []
     with torch.random.fork_rng(devices=[]):
         for _ in range(4):
@@ -279,6 +353,8 @@ def train_transformer(
     activation_checkpointing: bool = False,
     autocast: bool | None = None,
     progress: bool = True,
+    strategy: str = "ddp",
+    compile: bool = False,
 ) -> Path:
     """Train the transformer of ``config`` on ``token_cache``; return ``out_dir/"transformer"``.
 
@@ -291,61 +367,87 @@ def train_transformer(
     newest checkpoint in ``out_dir/checkpoints/transformer``.  ``autocast``: None = bf16
     where supported natively, True/False to force.  The weight average is exported to
     ``out_dir/"transformer"`` when the run completes (or its time budget runs out).
+
+    Under ``torchrun`` the run is data-parallel over the job's processes (``device``
+    "cuda" becomes each rank's own GPU), with ``strategy`` "ddp" or "fsdp"; on one
+    process ``strategy`` changes nothing.  ``compile=True`` compiles each block with
+    ``torch.compile`` (falls back to eager, with a warning, if compiling fails).
     """
     out_dir = Path(out_dir)
     tcfg, train_cfg = config.transformer, config.train
     seed = train_cfg.seed if seed is None else seed
-    device = torch.device(device)
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if minutes is not None and minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {minutes}")
+    info = dd.init_distributed(device)
+    strategy = dd.resolve_strategy(strategy, info)
+    device = info.device
     batch_size, grad_accum = train_cfg.transformer_batch, max(1, train_cfg.grad_accum)
-    if batch_size % grad_accum:
-        raise ValueError(f"transformer_batch={batch_size} must be divisible by grad_accum={grad_accum} "
-                         "(each step splits its batch into grad_accum micro-batches)")
+    if batch_size % (grad_accum * info.world_size):
+        raise ValueError(f"transformer_batch={batch_size} must be divisible by grad_accum={grad_accum} times the "
+                         f"{info.world_size} processes (each step splits its batch into equal micro-batches)")
     _check_data(token_cache, tokenizer, config)
     eval_dataset = token_cache if eval_dataset is None else eval_dataset
     amp = autocast_context(device, autocast)
     start_time = time.perf_counter()
+    main = info.is_main
+    sharded = strategy == "fsdp" and info.distributed
 
     torch.manual_seed(seed)
     model = DalleTransformer(tcfg).to(device).train()
     model.gradient_checkpointing = activation_checkpointing
-    ema = EMA(model, train_cfg.ema_decay)
-    optimizer = make_optimizer(model, train_cfg.transformer_lr)
     checkpointer = Checkpointer(out_dir / "checkpoints" / "transformer")
     guard = NonFiniteGuard()
 
+    # Before wrapping: the timing probe copies the plain model, and compiled blocks must
+    # not be deep-copied (a copy would call the original's compiled forward).
+    total_hint = None
+    if minutes is not None and not resume:
+        total_hint = _estimate_total(model, token_cache, tokenizer, seed, batch_size, grad_accum, amp, minutes,
+                                     steps, info)
+    # The weight average: a whole copy (made before compiling, for the same reason), or under
+    # FSDP shards of it, made from the sharded parameters.
+    ema: Any = None if sharded else EMA(model, train_cfg.ema_decay)
+    if compile:
+        _compile_blocks(model)
+    wrapped = dd.wrap_model(LossForward(model), info, strategy, units=list(model.blocks)) if info.distributed else None
+    if sharded:
+        ema = dd.ShardedEMA(model, train_cfg.ema_decay)
+    elif info.distributed:  # the wrapper started every replica from rank 0's weights; so does the average
+        ema.module.load_state_dict(model.state_dict())
+    optimizer = make_optimizer(model, train_cfg.transformer_lr)
+
     step, total, elapsed_before = 0, None, 0.0
     if resume:
-        restored = checkpointer.load_latest({"model": model, "ema": ema.module}, {"optimizer": optimizer})
+        restored = _load_checkpoint(checkpointer, model, ema, optimizer, sharded)
         if restored is None:
-            warnings.warn(f"--resume: no checkpoint in {checkpointer.folder}; starting from scratch", stacklevel=2)
+            if main:
+                warnings.warn(f"--resume: no checkpoint in {checkpointer.folder}; starting from scratch", stacklevel=2)
         else:
             step, extra = restored
             total, elapsed_before = int(extra["total_steps"]), float(extra.get("seconds", 0.0))
-            if steps is not None and steps != total:
+            if steps is not None and steps != total and main:
                 warnings.warn(f"resuming a {total}-step run: steps={steps} ignored (the schedules keep their length)",
                               stacklevel=2)
+        if total is None and minutes is not None:
+            total = _estimate_total(model, token_cache, tokenizer, seed, batch_size, grad_accum, amp, minutes,
+                                    steps, info)
     if total is None:
-        total = steps if steps is not None else train_cfg.transformer_steps
-        if minutes is not None:
-            text, images = batch_for_step(token_cache, tokenizer, seed, 0, batch_size)
-            fit, per_step = estimate_steps(model, text.to(device), images.to(device), minutes, grad_accum, amp)
-            total = fit if steps is None else min(steps, fit)
-            print(f"transformer: {per_step:.3f} s a step -> {total} steps in {minutes:g} minutes")
+        total = total_hint if total_hint is not None else (steps if steps is not None else train_cfg.transformer_steps)
     warmup = warmup_steps(train_cfg.transformer_warmup, total)
     deadline = start_time + minutes * 60 * (BUDGET_SAFETY + 1) / 2 if minutes is not None else math.inf
     end = total if stop_after is None else min(total, stop_after)
 
     log_path = out_dir / "logs" / "transformer.csv"
-    rows = _kept_log_rows(log_path, step) if resume else []
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "w", newline="")
-    log = csv.DictWriter(log_file, fieldnames=CSV_FIELDS)
-    log.writeheader()
-    log.writerows({k: r.get(k, "") for k in CSV_FIELDS} for r in rows)
+    log_file = log = None
+    if main:
+        rows = _kept_log_rows(log_path, step) if resume else []
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_path, "w", newline="")
+        log = csv.DictWriter(log_file, fieldnames=CSV_FIELDS)
+        log.writeheader()
+        log.writerows({k: r.get(k, "") for k in CSV_FIELDS} for r in rows)
     sample_captions = [eval_dataset[i][1][0] for i in range(min(4, len(eval_dataset)))]
     tokens_per_step = batch_size * (tcfg.seq_len - 1)
 
@@ -353,27 +455,57 @@ def train_transformer(
 
     def save_checkpoint() -> None:
         nonlocal saved_step
-        extra = {"total_steps": total, "seed": seed, "seconds": elapsed_before + time.perf_counter() - start_time}
-        checkpointer.save(step, {"model": model, "ema": ema.module}, {"optimizer": optimizer}, extra)
+        extra = {"total_steps": total, "seed": seed, "seconds": elapsed_before + time.perf_counter() - start_time,
+                 "world_size": info.world_size, "strategy": strategy}
+        if sharded:  # gather full tensors on every rank (collective), then rank 0 writes them
+            modules: dict[str, Any] = {"model": dd.StateHolder(dd.full_state_dict(model)),
+                                       "ema": dd.StateHolder(ema.state_dict())}
+            optimizers: dict[str, Any] = {"optimizer": dd.StateHolder(dd.full_optimizer_state_dict(optimizer))}
+        else:
+            modules = {"model": model, "ema": ema.module}  # type: ignore[union-attr]
+            optimizers = {"optimizer": optimizer}
+        if main:
+            checkpointer.save(step, modules, optimizers, extra)
+        dd.barrier(info)
         saved_step = step
 
-    bar = _progress(step, end, progress)
+    def averaged_model() -> DalleTransformer | None:
+        """The weight average as a plain module on rank 0 (None elsewhere); gathered under FSDP."""
+        if not sharded:
+            return ema.module if main else None  # type: ignore[union-attr]
+        state = ema.state_dict()
+        if not main:
+            return None
+        average = DalleTransformer(tcfg).to(device).eval()
+        average.load_state_dict(state)
+        return average
+
+    bar = _progress(step, end, progress and main)
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < end:
-            if time.perf_counter() > deadline:
-                warnings.warn(f"time budget spent at step {step} of {total}; stopping early", stacklevel=2)
+            out_of_time = time.perf_counter() > deadline
+            if info.distributed and math.isfinite(deadline):
+                out_of_time = dd.any_rank(out_of_time, info)  # every rank must stop at the same step
+            if out_of_time:
+                if main:
+                    warnings.warn(f"time budget spent at step {step} of {total}; stopping early", stacklevel=2)
                 time_up = True
                 break
             peak = train_cfg.transformer_lr
             lr = warmup_cosine(step, total, warmup, peak, FINAL_LR_FRACTION * peak)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            text, images = batch_for_step(token_cache, tokenizer, seed, step, batch_size)
+            text, images = batch_for_step(token_cache, tokenizer, seed, step, batch_size,
+                                          info if info.distributed else None)
             text, images = text.to(device, non_blocking=True), images.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss, parts = train_step(model, text, images, grad_accum, amp)
+            loss, parts = _guarded_step(model, text, images, grad_accum, amp, wrapped, info, compile)
+            compile = False  # the first step has shown whether compiling works
+            loss, parts = reduce_losses(loss, parts, info)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            if dd._is_dtensor(grad_norm):
+                grad_norm = grad_norm.full_tensor()
             if guard.check(loss) and guard.check(grad_norm):
                 optimizer.step()
                 # Bias-corrected warm-up of the average: early weights are forgotten fast.
@@ -392,13 +524,17 @@ def train_transformer(
                     "seconds": round(elapsed_before + now - start_time, 1),
                 }
                 if step % sample_every == 0 or step == end:
-                    row["eval_bits_per_image_token"] = round(
-                        evaluate_transformer(ema.module, eval_dataset, tokenizer, n=64)["bits_per_image_token"], 4)
-                    if dvae is not None:
-                        save_sample_grid(ema.module, dvae, tokenizer, sample_captions,
-                                         out_dir / "samples" / f"transformer_step{step:06d}.png", seed=seed)
-                log.writerow(row)
-                log_file.flush()
+                    average = averaged_model()
+                    if average is not None:
+                        row["eval_bits_per_image_token"] = round(
+                            evaluate_transformer(average, eval_dataset, tokenizer, n=64)["bits_per_image_token"], 4)
+                        if dvae is not None:
+                            save_sample_grid(average, dvae, tokenizer, sample_captions,
+                                             out_dir / "samples" / f"transformer_step{step:06d}.png", seed=seed)
+                    dd.barrier(info)
+                if log is not None and log_file is not None:
+                    log.writerow(row)
+                    log_file.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", img=f"{row['image_loss']:.3f}",
                                     tok_s=row["tokens_per_s"])
@@ -408,17 +544,84 @@ def train_transformer(
             if step % checkpoint_every == 0 or step == end:
                 save_checkpoint()
     finally:
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
         if bar is not None:
             bar.close()
 
     if step != saved_step:  # stopped by the time budget between checkpoints
         save_checkpoint()
-    plot_losses(log_path, log_path.with_suffix(".png"))
     export = out_dir / "transformer"
-    if step >= total or time_up:  # an interrupted run (stop_after) is not exported
-        ema.module.float().save_pretrained(export)
+    exporting = step >= total or time_up  # an interrupted run (stop_after) is not exported
+    average = averaged_model() if exporting else None
+    if main:
+        plot_losses(log_path, log_path.with_suffix(".png"))
+        if average is not None:
+            average.float().save_pretrained(export)
+    dd.barrier(info)
+    if not sharded:  # replicated weights must agree bit for bit; a drift is a bug worth reporting loudly
+        dd.check_replicas_identical(model, info, "model")
+        dd.check_replicas_identical(ema.module, info, "weight average")
     return export
+
+
+def _estimate_total(model: DalleTransformer, dataset: Any, tokenizer: Any, seed: int, batch_size: int,
+                    grad_accum: int, amp: Any, minutes: float, steps: int | None, info: DistInfo) -> int:
+    """The step count that fits ``minutes``: timed by rank 0 on its share of a batch, then shared."""
+    total = None
+    if info.is_main:
+        text, images = batch_for_step(dataset, tokenizer, seed, 0, batch_size, info if info.distributed else None)
+        fit, per_step = estimate_steps(model, text.to(info.device), images.to(info.device), minutes, grad_accum, amp)
+        total = fit if steps is None else min(steps, fit)
+        print(f"transformer: {per_step:.3f} s a step -> {total} steps in {minutes:g} minutes")
+    return int(dd.broadcast_object(total, info))
+
+
+def _compile_blocks(model: DalleTransformer) -> None:
+    """``torch.compile`` each block in place (parameter names unchanged); the embeddings and loss stay eager."""
+    try:
+        import torch._dynamo as dynamo
+
+        # One compiled graph per (layer kind, shape); allow one per layer when layers differ.
+        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 4 * len(model.blocks))
+        for block in model.blocks:
+            block.compile()
+    except Exception as e:  # noqa: BLE001 - compiling is an optimisation
+        warnings.warn(f"torch.compile unavailable ({type(e).__name__}: {e}); training eagerly", stacklevel=2)
+
+
+def _guarded_step(model: DalleTransformer, text: torch.Tensor, images: torch.Tensor, grad_accum: int, amp: Any,
+                  wrapped: nn.Module | None, info: DistInfo, first_compiled: bool
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`train_step`; on the first step of a compiled model, a compiler failure falls back to eager."""
+    if not first_compiled:
+        return train_step(model, text, images, grad_accum, amp, wrapped=wrapped, info=info)
+    try:
+        return train_step(model, text, images, grad_accum, amp, wrapped=wrapped, info=info)
+    except Exception as e:  # noqa: BLE001
+        if info.distributed:
+            raise  # the ranks could disagree on falling back; fail loudly instead
+        warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training eagerly", stacklevel=2)
+        for block in model.blocks:
+            block._compiled_call_impl = None  # nn.Module.compile's hook: back to the eager forward
+        model.zero_grad(set_to_none=True)
+        return train_step(model, text, images, grad_accum, amp, wrapped=wrapped, info=info)
+
+
+def _load_checkpoint(checkpointer: Checkpointer, model: DalleTransformer, ema: Any, optimizer: torch.optim.Optimizer,
+                     sharded: bool) -> tuple[int, dict[str, Any]] | None:
+    """Restore the newest checkpoint (full tensors, written at any world size) on every rank."""
+    if not sharded:
+        return checkpointer.load_latest({"model": model, "ema": ema.module}, {"optimizer": optimizer})
+    # Sharded: read into full-size CPU staging copies, then let each rank keep its shards.
+    staging_model, staging_ema = DalleTransformer(model.config), DalleTransformer(model.config)
+    holder = dd.StateHolder()
+    restored = checkpointer.load_latest({"model": staging_model, "ema": staging_ema}, {"optimizer": holder})
+    if restored is not None:
+        dd.load_full_state_dict(model, staging_model.state_dict())
+        ema.load_state_dict(staging_ema.state_dict())
+        dd.load_full_optimizer_state_dict(optimizer, holder.state_dict())
+    return restored
 
 
 def _kept_log_rows(path: Path, step: int) -> list[dict[str, str]]:
