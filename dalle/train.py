@@ -19,7 +19,7 @@ from dalle.config import DalleConfig, ConfigError, get_preset, load_config, save
 
 CONFIG_FILE = "dalle.json"
 # Share of a ``train all --minutes M`` budget each stage gets.
-TIME_SHARES = {"dvae": 0.4, "transformer": 0.45, "clip": 0.15}
+TIME_SHARES = {"dvae": 0.35, "transformer": 0.4, "clip": 0.25}
 TOKENIZER_CAPTION_LIMIT = 50_000  # items read to learn the BPE vocabulary
 
 

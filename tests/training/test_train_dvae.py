@@ -1,0 +1,131 @@
+"""The dVAE training loop: outputs, deterministic batches, evaluation, exact resume, budgets."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dalle.config import get_preset
+from dalle.data.shapes import ShapesDataset
+from dalle.dvae import DiscreteVAE
+from dalle.training.dvae import batch_for_step, evaluate_dvae, fixed_images, reconstruct, schedules, train_dvae
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions run fastest on one thread, and far faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_config(quantizer: str = "gumbel"):
+    cfg = get_preset("tiny")
+    cfg.dvae.hidden_width = 8
+    cfg.dvae.quantizer = quantizer
+    cfg.train.dvae_batch = 4
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ShapesDataset("train", 64, seed=0), ShapesDataset("val", 16, seed=0)
+
+
+def test_batches_depend_only_on_seed_and_step(data):
+    train, _ = data
+    a = batch_for_step(train, seed=1, step=5, batch_size=4, image_size=64)
+    assert a.shape == (4, 3, 64, 64) and 0 <= float(a.min()) and float(a.max()) <= 1
+    assert torch.equal(a, batch_for_step(train, seed=1, step=5, batch_size=4, image_size=64))
+    assert not torch.equal(a, batch_for_step(train, seed=1, step=6, batch_size=4, image_size=64))
+    assert not torch.equal(a, batch_for_step(train, seed=2, step=5, batch_size=4, image_size=64))
+
+
+def test_schedules_scale_with_the_run():
+    for total in (100, 10_000):
+        start, end = schedules(0, total, 1e-3, 6.6), schedules(total, total, 1e-3, 6.6)
+        assert start["temperature"] == pytest.approx(1.0) and end["temperature"] == pytest.approx(1 / 16)
+        assert start["kl_weight"] == pytest.approx(0.0) and end["kl_weight"] == pytest.approx(6.6)
+        assert end["lr"] == pytest.approx(0.0, abs=1e-12)
+        mid = schedules(total // 2, total, 1e-3, 6.6)
+        assert 1 / 16 < mid["temperature"] < 1.0 and 0.0 < mid["lr"] < 1e-3
+
+
+def test_training_writes_model_log_samples_and_checkpoints(tmp_path, data):
+    train, val = data
+    cfg = small_config()
+    export = train_dvae(train, tmp_path, cfg, steps=6, log_every=1, sample_every=3, checkpoint_every=3,
+                        eval_dataset=val, progress=False)
+    assert export == tmp_path / "dvae"
+    model = DiscreteVAE.from_pretrained(export)
+    assert model.config == cfg.dvae
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "dvae.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(float(r["usage"]) > 0 and r["psnr"] for r in rows)
+    assert rows[2]["eval_psnr"] and not rows[1]["eval_psnr"]
+    assert (tmp_path / "samples" / "dvae_step000003.png").is_file()
+    assert (tmp_path / "samples" / "dvae_step000006.png").is_file()
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints" / "dvae").iterdir())
+    assert ckpts == ["step_00000003", "step_00000006"]
+
+
+@pytest.mark.parametrize("quantizer", ["gumbel", "vq"])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, data, quantizer):
+    train, val = data
+    cfg = small_config(quantizer)
+    kw = dict(steps=10, log_every=2, sample_every=100, checkpoint_every=100, eval_dataset=val, progress=False)
+    full = train_dvae(train, tmp_path / "full", cfg, **kw)
+    train_dvae(train, tmp_path / "cut", cfg, stop_after=5, **kw)
+    assert not (tmp_path / "cut" / "dvae").exists(), "an interrupted run must not export a model"
+    resumed = train_dvae(train, tmp_path / "cut", cfg, resume=True, **kw)
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    # the training weights (not only the average) match too
+    ca = load_file(str(tmp_path / "full" / "checkpoints" / "dvae" / "step_00000010" / "state.safetensors"))
+    cb = load_file(str(tmp_path / "cut" / "checkpoints" / "dvae" / "step_00000010" / "state.safetensors"))
+    for k in ca:
+        if k.startswith("module."):
+            assert torch.equal(ca[k], cb[k]), k
+    steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "cut" / "logs" / "dvae.csv"))]
+    assert steps == [2, 4, 5, 6, 8, 10]  # the interrupted run's rows are kept, none duplicated
+
+
+def test_evaluate_dvae_reports_psnr_and_code_use(data):
+    _, val = data
+    torch.manual_seed(0)
+    model = DiscreteVAE(small_config().dvae)
+    stats = evaluate_dvae(model, val, n=8, batch=4)
+    images = fixed_images(val, 8, 64)
+    recon, tokens = reconstruct(model, images)
+    mse = float((recon - images).pow(2).mean())
+    assert stats["psnr"] == pytest.approx(-10 * torch.log10(torch.tensor(mse)).item(), rel=1e-5)
+    assert stats["codebook_usage"] == pytest.approx(len(tokens.unique()) / 512)
+    assert 1.0 <= stats["perplexity"] <= len(tokens.unique()) + 1e-4
+    assert model.training  # evaluation restores the mode it found
+
+
+def test_minutes_budget_becomes_a_fixed_step_count(tmp_path, data):
+    train, val = data
+    export = train_dvae(train, tmp_path, small_config(), minutes=0.03, log_every=1, sample_every=1000,
+                        eval_dataset=val, progress=False)
+    assert (export / "model.safetensors").is_file()
+    last = sorted((tmp_path / "checkpoints" / "dvae").iterdir())[-1]
+    total = json.loads((last / "state.json").read_text())["extra"]["total_steps"]
+    assert total >= 1
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "dvae.csv")))
+    assert 1 <= len(rows) <= total
+
+
+def test_bad_arguments_are_named(tmp_path, data):
+    train, _ = data
+    with pytest.raises(ValueError, match="empty"):
+        train_dvae([], tmp_path, small_config(), steps=1, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        train_dvae(train, tmp_path, small_config(), steps=0, progress=False)
