@@ -152,7 +152,10 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts is not None:
         if not args.prompts.is_file():
             raise UsageError(f"--prompts file {args.prompts} does not exist")
-        prompts += [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from_file = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not from_file:
+            raise UsageError(f"--prompts file {args.prompts} holds no prompt; write one prompt a line")
+        prompts += from_file
     if not prompts:
         raise UsageError("give at least one prompt, e.g. dalle generate \"a red circle\"")
     if any(not p.strip() for p in prompts):

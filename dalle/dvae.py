@@ -102,7 +102,7 @@ class DVAEOutput:
 
     ``metrics`` holds detached scalar tensors (no device sync until read):
     ``nll`` (per pixel channel), ``kl`` (nats per grid position), ``mse``, ``psnr``
-    (of the decoded mean), ``perplexity`` and ``usage`` (fraction of the codebook
+    (of the decoded median), ``perplexity`` and ``usage`` (fraction of the codebook
     chosen by at least one position of the batch) and, for VQ, ``commitment``.
     """
 

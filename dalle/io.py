@@ -105,7 +105,10 @@ def save_module(folder: str | Path, module: nn.Module, config: Any, dtype: torch
     state = _unique_state(module)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    save_tensors(state, folder / WEIGHTS_NAME, metadata={"format": "pt", "class": type(module).__name__})
+    # One metadata key only: safetensors writes the metadata map in a random order per
+    # process, so two keys would make the same weights hash differently from run to run
+    # (the token cache is keyed by the dVAE file's SHA-256).
+    save_tensors(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     atomic_write(folder / CONFIG_NAME, lambda tmp: save_config(config, tmp))
     return folder
 

@@ -75,11 +75,15 @@ def load_user_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     try:
-        from dalle.data.datasets import load_image
-
-        return load_image(path)
+        from dalle.data.datasets import BadImageError, load_image
     except ImportError:  # pragma: no cover - the data package is part of the install
         return Image.open(path).convert("RGB")
+    try:
+        return load_image(path)
+    except BadImageError as e:
+        if e.key is not None:
+            raise
+        raise BadImageError(e.reason, key=f"image {path}") from None  # say which file
 
 
 class DallePipeline:
@@ -103,6 +107,8 @@ class DallePipeline:
     @classmethod
     def from_pretrained(cls, folder: str | Path | None = None, device: str | torch.device | None = None) -> "DallePipeline":
         folder = Path(folder) if folder is not None else bundled_model_dir()
+        if folder.is_file():
+            raise ModelLoadError(f"{folder} is a file; give the model folder (the one holding tokenizer/, dvae/, transformer/)")
         if not folder.is_dir():
             raise ModelLoadError(f"model folder {folder} does not exist (train one with: dalle train all --data DIR --out {folder})")
         missing = [c for c in COMPONENTS[:3] if not (folder / c).is_dir()]

@@ -255,22 +255,10 @@ def train_dvae(
     sample_images = fixed_images(eval_dataset, 8, size)
     eval_images = fixed_images(eval_dataset, 64, size)
 
-    first_step = saved_step = step
     time_up = False
-
-    def save_checkpoint() -> None:
-        nonlocal saved_step
-        extra = {"total_steps": total, "seed": seed, "seconds": elapsed_before + time.perf_counter() - start_time}
-        checkpointer.save(step, {"model": model, "ema": ema.module}, {"optimizer": optimizer}, extra)
-        saved_step = step
-
     bar = _progress(step, end, progress)
     try:
         while step < end:
-            if step > first_step and time.perf_counter() > deadline:
-                warnings.warn(f"time budget spent at step {step} of {total}; stopping early", stacklevel=2)
-                time_up = True
-                break
             s = schedules(step, total, tcfg.dvae_lr, dcfg.kl_weight)
             for group in optimizer.param_groups:
                 group["lr"] = s["lr"]
@@ -286,13 +274,14 @@ def train_dvae(
                 ema.decay = min(tcfg.ema_decay, (1 + step) / (10 + step))
                 ema.update(model)
             step += 1
+            time_up = step < end and time.perf_counter() > deadline
+            last = step == end or time_up
 
-            sample_now = step % sample_every == 0 or step == end
-            if step % log_every == 0 or sample_now:
+            if step % log_every == 0 or step % sample_every == 0 or last:
                 row = {k: round(float(v), 5) for k, v in out.metrics.items() if k in CSV_FIELDS}
                 row.update(step=step, loss=round(float(out.loss.detach()), 5), seconds=round(
                     elapsed_before + time.perf_counter() - start_time, 1), **{k: round(v, 6) for k, v in s.items()})
-                if sample_now:
+                if step % sample_every == 0 or last:
                     recon, tokens = reconstruct(ema.module, eval_images)
                     row["eval_psnr"] = round(float(psnr_from_mse((recon - eval_images).pow(2).mean())), 3)
                     row["eval_usage"] = round(float(code_statistics(tokens, dcfg.codebook_size)[1]), 4)
@@ -304,15 +293,18 @@ def train_dvae(
                                     codes=f"{row['usage']:.2f}", tau=f"{s['temperature']:.2f}")
             if bar is not None:
                 bar.update(1)
-            if step % checkpoint_every == 0 or step == end:
-                save_checkpoint()
+            if step % checkpoint_every == 0 or last:
+                extra = {"total_steps": total, "seed": seed,
+                         "seconds": elapsed_before + time.perf_counter() - start_time}
+                checkpointer.save(step, {"model": model, "ema": ema.module}, {"optimizer": optimizer}, extra)
+            if time_up:
+                warnings.warn(f"time budget spent at step {step} of {total}; stopping early", stacklevel=2)
+                break
     finally:
         log_file.close()
         if bar is not None:
             bar.close()
 
-    if step != saved_step:  # stopped by the time budget between checkpoints
-        save_checkpoint()
     export = out_dir / "dvae"
     if step >= total or time_up:  # an interrupted run (stop_after) is not exported
         ema.module.float().save_pretrained(export)
