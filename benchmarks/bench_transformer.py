@@ -17,16 +17,17 @@ show what each part buys.  Each figure is the best of ``--repeats`` timed runs a
 warm-up (the best run is the one least disturbed by other processes).  ``cpu`` columns
 are per CPU-second of this process, which a busy shared machine inflates less than
 wall time.  The load average is printed: with other jobs on the two cores, wall
-figures are pessimistic.  OpenMP threads are set to sleep rather than spin when idle
-(``OMP_WAIT_POLICY=PASSIVE``, unless already set): on the oversubscribed machine,
-spinning threads made 2-thread steps several times to tens of times slower.
+figures are pessimistic.  OpenMP keeps PyTorch's default (threads spin while waiting),
+what a user gets; on an idle machine that is ~2.5x faster for sampling than
+``OMP_WAIT_POLICY=PASSIVE``, which in turn is far better on an oversubscribed one
+(spinning threads made 2-thread steps up to tens of times slower there).  Set the
+variable to compare.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-# With OpenMP's default busy-waiting, torch's threads spin against each other (and
-# anything else) on a small shared CPU: measured up to 40x slower on 2 busy cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 __version__ = "0.1.0"
 __all__ = ["DallePipeline", "__version__"]
 

@@ -156,7 +156,7 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
         common["checkpoint_every"] = every
     started = time.time()
     for stage in stages:
-        done = (out / stage).is_dir()
+        done = stage_complete(out / stage)
         if whole and resume and done:
             log(f"[{stage}] already trained in {out / stage}; skipping")
             continue
@@ -195,6 +195,12 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
             raise ConfigError(f"unknown component {stage}")
     log(f"done in {(time.time() - started) / 60:.1f} min")
     return out
+
+
+def stage_complete(folder: Path) -> bool:
+    """A stage is done when its export is whole: config plus weights (or tokenizer.json)."""
+    weights = "tokenizer.json" if folder.name == "tokenizer" else "model.safetensors"
+    return (folder / "config.json").is_file() and (folder / weights).is_file()
 
 
 def _need_tokenizer(out: Path):
