@@ -70,6 +70,10 @@ def quality_section(report: dict, title: str, command: str) -> list[str]:
         f"| dVAE reconstructions the judge accepts | {pct(d['recon_pass_rate'])} (target >= 98%) |",
         f"| transformer held-out loss | {t['bits_per_image_token']:.3f} bits per image token |",
         f"| CLIP text-to-image R@1 among 100 | {pct(c['r_at_1'])} |",
+    ]
+    if "r_at_1_judged" in c:
+        lines.append(f"| CLIP: top image of 100 fits the caption (judged) | {pct(c['r_at_1_judged'])} |")
+    lines += [
         "",
     ]
     return lines

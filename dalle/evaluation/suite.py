@@ -76,16 +76,13 @@ def evaluate_transformer(pipe: DallePipeline, samples, batch: int = 64) -> dict[
 
 
 @torch.inference_mode()
-def evaluate_clip(pipe: DallePipeline, samples) -> dict[str, float]:
-    """Text-to-image R@1 among ``len(samples)`` pairs: own image ranked first."""
+def evaluate_clip(pipe: DallePipeline, samples, seed: int = 0) -> dict[str, float]:
+    """Text-to-image retrieval among 100 held-out pairs (see :func:`dalle.training.clip.evaluate_clip`)."""
     if pipe.clip is None:
         return {"r_at_1": float("nan")}
-    images = _images_tensor(samples, pipe.image_size, pipe.device)
-    text = pipe.tokenizer.encode_batch([s.captions[0] for s in samples]).to(pipe.device)
-    image_emb = pipe.clip.encode_image(images)
-    text_emb = pipe.clip.encode_text(text)
-    best = (text_emb @ image_emb.T).argmax(dim=1).cpu()
-    return {"r_at_1": float((best == torch.arange(len(samples))).float().mean())}
+    from dalle.training.clip import evaluate_clip as clip_retrieval
+
+    return clip_retrieval(pipe.clip, samples, pipe.tokenizer, n=100, seed=seed)
 
 
 def pick_prompts(dataset, per_category: int) -> dict[str, list[Any]]:
@@ -138,7 +135,7 @@ def evaluate_model(model: str | Path | None = None, *, prompts_per_category: int
     report: dict[str, Any] = {
         "dvae": evaluate_dvae(pipe, samples),
         "transformer": evaluate_transformer(pipe, samples),
-        "clip": evaluate_clip(pipe, samples[:100]),
+        "clip": evaluate_clip(pipe, samples, seed),
         "shapes": evaluate_generation(pipe, pick_prompts(dataset, prompts_per_category), candidates, seed, progress),
     }
     shapes = report["shapes"]
