@@ -16,11 +16,11 @@ from typing import Callable, Sequence
 
 ProgressCallback = Callable[[int, int], None]
 
-import numpy as np
 import torch
 from PIL import Image
 
 from dalle.clip import CLIP
+from dalle.data.preprocess import eval_transform
 from dalle.dvae import DiscreteVAE
 from dalle.io import ModelLoadError
 from dalle.sampling import generate_images_tokens, keep_rows_mask, prepare_for_sampling, region_mask
@@ -58,15 +58,7 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def pil_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """A PIL image, centre-cropped to a square and resized, as [1, 3, size, size] in [0, 1]."""
-    image = image.convert("RGB")
-    w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    if side != size:
-        image = image.resize((size, size), Image.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+    return eval_transform(image.convert("RGB"), size).unsqueeze(0)
 
 
 def load_user_image(path: str | Path) -> Image.Image:
