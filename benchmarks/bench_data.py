@@ -6,12 +6,20 @@ Two sources, written to a temporary folder first (not timed):
             crop (0.75..1 of the short side) resized to 256.
 Each is read with 0 and 2 DataLoader workers.
 
+Then WebDataset shards (the shapes images packed as KEY.png + KEY.txt into one
+.tar): how fast IndexedShards reads the member headers when opened (headers/s),
+how fast it serves samples at random indices (samples/s; read only, and read +
+decode), and the streaming reader's pass over the same shard for comparison.
+
     .venv/bin/python benchmarks/bench_data.py [--count 2000] [--photo-count 500] [--workers 0 2]
+                                              [--shard-samples 2000]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dalle.data import PAPER_CROP_SCALE, SHAPES_CROP_SCALE, FolderDataset, make_loader
+from dalle.data import (
+    PAPER_CROP_SCALE,
+    SHAPES_CROP_SCALE,
+    FolderDataset,
+    IndexedShards,
+    WebDatasetShards,
+    make_loader,
+)
 
 
 def write_photos(out: Path, count: int, seed: int = 0) -> Path:
@@ -61,12 +76,53 @@ def measure(folder: Path, image_size: int, crop_scale, batch: int, workers: int)
     return n / (time.perf_counter() - start)
 
 
+def write_shard(folder: Path, out: Path, samples: int) -> Path:
+    """``samples`` KEY.png + KEY.txt pairs (the folder's images, repeated as needed) in one uncompressed tar."""
+    images = sorted(folder.glob("*.png"))
+    with tarfile.open(out, "w") as tar:
+        for i in range(samples):
+            image = images[i % len(images)]
+            for name, data in ((f"{i:08d}.png", image.read_bytes()), (f"{i:08d}.txt", image.with_suffix(".txt").read_bytes())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+def best_of(repeats: int, fn) -> float:
+    """The fastest of ``repeats`` runs of ``fn()`` in seconds (the machine is shared)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_shards(shard: Path, samples: int, reads: int = 2000) -> list[tuple[str, float, str]]:
+    members = 2 * samples
+    index_s = best_of(3, lambda: IndexedShards([shard]))
+    ds = IndexedShards([shard])
+    order = torch.randint(len(ds), (reads,), generator=torch.Generator().manual_seed(0)).tolist()
+    read_s = best_of(3, lambda: [ds._group(i) for i in order])  # the bytes only: seek + read
+    load_s = best_of(3, lambda: [ds[i] for i in order])  # as the trainers call it: read + decode
+    stream_s = best_of(3, lambda: sum(1 for _ in WebDatasetShards([shard])))
+    ds.close()
+    return [
+        ("index: member headers read", members / index_s, "headers/s"),
+        ("random access: bytes read", reads / read_s, "samples/s"),
+        ("random access: read + decode", reads / load_s, "samples/s"),
+        ("stream (reference): read + decode", samples / stream_s, "samples/s"),
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--count", type=int, default=2000, help="shapes images")
     p.add_argument("--photo-count", type=int, default=500, help="320x240 JPEGs (0 to skip)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--shard-samples", type=int, default=2000, help="samples in the WebDataset shard (0 to skip)")
     args = p.parse_args()
     torch.set_num_threads(1)  # decoding is per-process; keep the comparison about workers
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,6 +134,12 @@ def main() -> None:
             for w in args.workers:
                 rate = measure(folder, size, scale, args.batch, w)
                 print(f"{name:34s} {w:7d} {rate:10.0f}")
+        if args.shard_samples:
+            shard = write_shard(sources[0][1], Path(tmp, "shard.tar"), args.shard_samples)
+            print(f"\nWebDataset shard: {args.shard_samples} shapes samples, {2 * args.shard_samples} members, "
+                  f"{shard.stat().st_size / 2**20:.1f} MiB")
+            for name, rate, unit in measure_shards(shard, args.shard_samples):
+                print(f"{name:34s} {rate:10.0f} {unit}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Names are imported on first use, so ``import dalle.data`` stays cheap (and
 ``dalle.data.shapes`` does not pull in torch).
 
 * :mod:`dalle.data.shapes` - the shapes set (``ShapesDataset``, ``write_shapes``).
-* :mod:`dalle.data.datasets` - readers for folders, MS-COCO and WebDataset shards,
+* :mod:`dalle.data.datasets` - readers for folders, MS-COCO and WebDataset shards (indexed or streamed),
   :func:`open_dataset`, :func:`load_image` and the bad-image accounting.
 * :mod:`dalle.data.preprocess` - the paper's crop/resize, batching, :func:`make_loader`.
 * :mod:`dalle.data.token_cache` - images encoded once into dVAE tokens on disk.
@@ -23,9 +23,11 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_MAX_PIXELS": "datasets",
     "FolderDataset": "datasets",
     "IMAGE_EXTENSIONS": "datasets",
+    "IndexedShards": "datasets",
     "Sample": "datasets",
     "SkipCounter": "datasets",
     "Skipped": "datasets",
+    "StreamingOnlyError": "datasets",
     "TooManyBadImagesError": "datasets",
     "WebDatasetShards": "datasets",
     "expand_shards": "datasets",

@@ -6,11 +6,16 @@ of its captions, a key naming it):
 * :class:`FolderDataset` - image files with a same-named ``.txt`` beside each,
   one caption a line (the layout ``dalle data shapes`` writes);
 * :class:`CocoDataset` - MS-COCO ``captions_*.json`` plus a folder of images;
-* :class:`WebDatasetShards` - WebDataset ``.tar`` shards as img2dataset writes
-  them, streamed (read with the standard library's ``tarfile``; the
-  ``webdataset`` package is not needed).
+* :class:`IndexedShards` - WebDataset ``.tar`` shards as img2dataset writes
+  them, local and uncompressed, with random access (each shard's member
+  headers are read once; ``dataset[i]`` then reads just that sample's bytes);
+* :class:`WebDatasetShards` - the same shards streamed, also from ``http(s)://``
+  URLs and compressed tars, for data that cannot be indexed (read with the
+  standard library's ``tarfile``; the ``webdataset`` package is not needed).
 
-:func:`open_dataset` picks the reader from what a path holds.
+:func:`open_dataset` picks the reader from what a path holds.  The dVAE and
+CLIP loops draw batches by index, so they need one of the map-style readers;
+a stream raises :class:`StreamingOnlyError` saying so.
 
 Bad images
 ----------
@@ -48,9 +53,10 @@ import re
 import tarfile
 import urllib.request
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Sequence, Union
+from typing import IO, Any, Container, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -88,6 +94,15 @@ class BadImageError(ValueError):
 
 class TooManyBadImagesError(DataError):
     """More bad images than the configured threshold allows."""
+
+
+class StreamingOnlyError(DataError, TypeError):
+    """``len()`` or ``dataset[i]`` of a reader that can only stream (URLs, compressed shards).
+
+    Also a :class:`TypeError`, the error ``len()`` of an unsized object raises, so
+    code that probes for a length (``list()``, ``tqdm``, ``len(loader)``) still
+    treats the reader as a plain iterable.
+    """
 
 
 @dataclass
@@ -555,6 +570,30 @@ def expand_shards(urls_or_glob: PathLike | Sequence[PathLike]) -> list[str]:
     return shards
 
 
+# Compressed files' first bytes.  bzip2 is matched with its block magic too
+# (below), so a tar whose first member is named "BZh..." is not taken for one.
+_COMPRESSION_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+)
+
+
+def shard_compression(shard: PathLike) -> str | None:
+    """``"gzip"``, ``"bzip2"``, ``"xz"`` or ``"zstd"`` when a local shard is compressed (sniffed), else None."""
+    try:
+        with open(shard, "rb") as f:
+            head = f.read(10)
+    except OSError:
+        return None
+    for magic, name in _COMPRESSION_MAGIC:
+        if head.startswith(magic):
+            return name
+    if re.match(rb"BZh[1-9](\x31\x41\x59\x26\x53\x59|\x17\x72\x45\x38\x50\x90)", head):
+        return "bzip2"
+    return None
+
+
 def _open_stream(shard: str) -> IO[bytes]:
     if _is_url(shard):
         return urllib.request.urlopen(shard)  # noqa: S310 - the user names the URL
@@ -569,28 +608,53 @@ def _split_member(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def iter_tar_groups(stream: IO[bytes], shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Stream ``(key, {extension: bytes})`` groups from a tar; files of one sample are adjacent."""
+def _tar_sample_member(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """``(key, extension)`` of a member that belongs to a sample, None for the rest.
+
+    Directories, links, hidden files (``.x``, macOS's ``._x.jpg``) and
+    extension-less names belong to no sample.  Shared by the streaming and the
+    indexed reader, so both see the same samples.
+    """
+    if not member.isfile() or os.path.basename(member.name).startswith("."):
+        return None
+    k, ext = _split_member(member.name)
+    if not ext:
+        return None
+    return k, ext
+
+
+def iter_tar_groups(
+    stream: IO[bytes], shard: str, read: Container[str] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream ``(key, {extension: bytes})`` groups from a tar; files of one sample are adjacent.
+
+    A sample is a run of adjacent members with the same key (a key that comes
+    back later starts another sample).  ``read`` limits which extensions' bytes
+    are read; the others are listed with ``b""`` (their data is still passed over).
+    """
     key: str | None = None
     group: dict[str, bytes] = {}
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
-            if not member.isfile():
+            named = _tar_sample_member(member)
+            if named is None:
                 continue
-            k, ext = _split_member(member.name)
-            if os.path.basename(k).startswith(".") or not ext:
-                continue
+            k, ext = named
             if k != key:
                 if key is not None:
                     yield key, group
                 key, group = k, {}
+            if read is not None and ext not in read:
+                group[ext] = b""
+                continue
             f = tar.extractfile(member)
             group[ext] = f.read() if f is not None else b""
     if key is not None:
         yield key, group
 
 
-_TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+_TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # in order of preference when a sample has several
+_TAR_CAPTION_EXTS = ("txt", "json")
 
 
 def sample_from_group(key: str, group: dict[str, bytes], max_pixels: int, caption_key: str = "caption") -> Sample:
@@ -598,6 +662,16 @@ def sample_from_group(key: str, group: dict[str, bytes], max_pixels: int, captio
     image_bytes = next((group[e] for e in _TAR_IMAGE_EXTS if e in group), None)
     if image_bytes is None:
         raise BadImageError(f"no image ({'/'.join(_TAR_IMAGE_EXTS)}) among {sorted(group)}", key=key)
+    captions = captions_from_group(key, group, caption_key)
+    try:
+        image = load_image(image_bytes, max_pixels)
+    except BadImageError as e:
+        raise BadImageError(e.reason, key=key) from None
+    return Sample(image=image, captions=captions, key=key)
+
+
+def captions_from_group(key: str, group: dict[str, bytes], caption_key: str = "caption") -> list[str]:
+    """The captions of one tar group: ``txt`` lines, then the ``json`` field ``caption_key``, repeats dropped."""
     captions: list[str] = []
     if "txt" in group:
         try:
@@ -615,11 +689,7 @@ def sample_from_group(key: str, group: dict[str, bytes], max_pixels: int, captio
     captions = list(dict.fromkeys(captions))  # txt and json often repeat the same caption
     if not captions:
         raise BadImageError(f"no caption (looked for a .txt, or a .json with a {caption_key!r} field)", key=key)
-    try:
-        image = load_image(image_bytes, max_pixels)
-    except BadImageError as e:
-        raise BadImageError(e.reason, key=key) from None
-    return Sample(image=image, captions=captions, key=key)
+    return captions
 
 
 def distributed_rank_and_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -684,6 +754,60 @@ class WebDatasetShards(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    # A stream has no length and no dataset[i].  Both raise a StreamingOnlyError
+    # (a TypeError too) that says what to use instead, rather than Python's bare
+    # "object has no len()" from deep inside a training loop.
+    def __len__(self) -> int:
+        raise self._random_access_error()
+
+    def __getitem__(self, index: int) -> Sample:
+        raise self._random_access_error()
+
+    def __bool__(self) -> bool:  # truth must not go through __len__
+        return True
+
+    def _random_access_error(self) -> StreamingOnlyError:
+        urls = [s for s in self.shards if _is_url(s)]
+        packed = [(s, c) for s in self.shards if not _is_url(s) and (c := shard_compression(s))]
+        if urls:
+            why, fix = f"its shards are URLs ({urls[0]}{', ...' if len(urls) > 1 else ''})", "download them first"
+        elif packed:
+            why = f"its shards are compressed ({packed[0][0]} is {packed[0][1]}{', ...' if len(packed) > 1 else ''})"
+            fix = "decompress them to plain .tar, e.g. gunzip, xz -d, bunzip2 or zstd -d"
+        else:
+            why = "it was opened for streaming (WebDatasetShards, or open_dataset(..., streaming=True))"
+            fix = "open them with open_dataset(path) or IndexedShards(path)"
+        return StreamingOnlyError(
+            "this step needs random access to the data (len(dataset), dataset[i]: dVAE and CLIP training draw "
+            "each batch by index from (seed, step), which is what makes resuming exact), but this WebDataset source "
+            f"can only be streamed: {why}. Use local uncompressed .tar shards ({fix}) or a folder of images with "
+            "same-named .txt captions. Tokenizer training and the transformer's token cache can stream."
+        )
+
+    def iter_captions(self, limit: int | None = None) -> Iterator[str]:
+        """Captions of the first ``limit`` samples (all shards in order: no split, no shuffle), images not decoded.
+
+        For training the tokenizer, which one process does.  Samples without an
+        image or a caption, and the rest of a corrupt shard, are passed over.
+        """
+        seen = 0
+        for shard in self.shards:
+            try:
+                with _open_stream(shard) as stream:
+                    for key, group in iter_tar_groups(stream, shard, read=_TAR_CAPTION_EXTS):
+                        if limit is not None and seen >= limit:
+                            return
+                        seen += 1
+                        if not any(e in group for e in _TAR_IMAGE_EXTS):
+                            continue
+                        try:
+                            captions = captions_from_group(key, group, self.caption_key)
+                        except BadImageError:
+                            continue
+                        yield from captions
+            except (tarfile.TarError, OSError, EOFError) as e:
+                log.warning("reading captions: skipping the rest of %s: %s: %s", shard, type(e).__name__, e)
+
     def _consumer(self) -> tuple[int, int]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
@@ -745,6 +869,253 @@ class WebDatasetShards(IterableDataset):
             yield buffer.pop()
 
 
+# Columns of IndexedShards' table: one row per sample, byte ranges in its shard
+# (-1: member absent).
+_SHARD, _IMAGE_EXT, _IMAGE_AT, _IMAGE_SIZE, _TXT_AT, _TXT_SIZE, _JSON_AT, _JSON_SIZE = range(8)
+_MERGE_SLACK = 64 * 1024  # read a sample's members in one call unless it would pull this much extra
+
+
+def _index_tar(shard: str, file_size: int) -> tuple[list[tuple[str, dict[str, tuple[int, int]]]], str | None]:
+    """``(key, {extension: (data offset, size)})`` for each sample of an uncompressed tar, in tar order.
+
+    Only the 512-byte member headers are read (tarfile seeks over the data).
+    Samples are grouped exactly as :func:`iter_tar_groups` groups them.  The
+    second value says why the shard was cut short (None when it was read whole);
+    as when streaming, the sample being read where the shard breaks is lost.
+    """
+    groups: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    key: str | None = None
+    group: dict[str, tuple[int, int]] = {}
+    try:
+        with tarfile.open(shard, mode="r:") as tar:
+            for member in tar:
+                truncated = member.offset_data + member.size > file_size
+                named = _tar_sample_member(member)
+                if named is None:
+                    if truncated:
+                        raise tarfile.ReadError(f"unexpected end of data in {member.name}")
+                    continue
+                k, ext = named
+                if k != key:
+                    if key is not None:
+                        groups.append((key, group))
+                    key, group = k, {}
+                if truncated:  # after the key test: the previous sample is whole, this one is lost
+                    raise tarfile.ReadError(f"unexpected end of data in {member.name}")
+                if member.issparse():  # its data is not one byte range; never written by img2dataset
+                    raise tarfile.ReadError(f"{member.name} is a GNU sparse member, which cannot be read by offset")
+                group[ext] = (member.offset_data, member.size)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return groups, f"corrupt or unreadable shard: {type(e).__name__}: {e}"
+    if key is not None:
+        groups.append((key, group))
+    return groups, None
+
+
+class IndexedShards(_MapDataset):
+    """Random access to local, uncompressed WebDataset ``.tar`` shards: ``len(ds)``, ``ds[i]``.
+
+    Opening reads every member header once (not the data; thousands of headers
+    a second, see ``benchmarks/bench_data.py``) and keeps, per sample, where its
+    image and caption members lie in its shard.  ``ds[i]`` then reads just those
+    bytes and decodes them with the streaming reader's code, so both readers see
+    the same samples (same grouping by key, same captions, same pixels) in the
+    same order: shards as :func:`expand_shards` lists them, samples in tar order.
+    The dVAE and CLIP loops need this: they draw the batch of step ``s`` by index
+    from ``(seed, s)``.
+
+    Bad items are handled as by the other map-style readers (``dataset[i]``
+    substitutes the next good item, ``load(i)`` raises; ``skipped`` counts them,
+    under the key ``"SHARD:KEY"`` the streaming reader uses).  A corrupt or
+    truncated shard is counted once when opened, keeping the samples before
+    the break.  Files are opened lazily and kept open (at most
+    ``max_open_files``, least recently used closed first) per process, so
+    DataLoader workers each read through their own handles; :meth:`close`
+    closes them.  Use :class:`WebDatasetShards` for URLs, compressed shards, or
+    data that should only be streamed.
+    """
+
+    def __init__(
+        self,
+        urls_or_glob: PathLike | Sequence[PathLike],
+        *,
+        caption_key: str = "caption",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bad_fraction: float | None = DEFAULT_MAX_BAD_FRACTION,
+        max_bad: int | None = None,
+        max_open_files: int = 16,
+    ):
+        super().__init__(max_pixels, max_bad_fraction, max_bad)
+        if max_open_files < 1:
+            raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
+        self.shards = expand_shards(urls_or_glob)
+        for shard in self.shards:
+            if _is_url(shard):
+                raise DataError(
+                    f"{shard} is a URL, but random access needs local files: download the shards first, "
+                    "or stream them with WebDatasetShards (open_dataset(..., streaming=True))"
+                )
+            packed = shard_compression(shard)
+            if packed:
+                raise DataError(
+                    f"{shard} is {packed}-compressed, but random access needs plain .tar shards: decompress it "
+                    "(gunzip, xz -d, bunzip2 or zstd -d), or stream it with WebDatasetShards"
+                )
+        self.caption_key = caption_key
+        self.max_open_files = max_open_files
+        self._sizes: list[int] = []
+        self._keys: list[str] = []
+        self._imageless: dict[int, list[str]] = {}  # index -> member extensions, for the "no image" message
+        rows: list[tuple[int, ...]] = []
+        for s, shard in enumerate(self.shards):
+            size = os.path.getsize(shard)
+            self._sizes.append(size)
+            groups, broken = _index_tar(shard, size)
+            if broken:
+                self.skipped.skip(shard, broken, check=False)
+            for key, group in groups:
+                image = next((e for e in _TAR_IMAGE_EXTS if e in group), None)
+                if image is None:
+                    self._imageless[len(self._keys)] = sorted(group)
+                image_at, image_size = group[image] if image else (-1, -1)
+                txt_at, txt_size = group.get("txt", (-1, -1))
+                json_at, json_size = group.get("json", (-1, -1))
+                code = _TAR_IMAGE_EXTS.index(image) if image else -1
+                rows.append((s, code, image_at, image_size, txt_at, txt_size, json_at, json_size))
+                self._keys.append(key)
+        if not self._keys:
+            raise DataError(
+                f"no sample in {len(self.shards)} shard(s) ({self.shards[0]}{', ...' if len(self.shards) > 1 else ''}): "
+                "a WebDataset shard holds KEY.jpg|png|webp with KEY.txt and/or KEY.json"
+            )
+        self._rows = np.asarray(rows, dtype=np.int64).reshape(len(rows), 8)
+        if self.skipped.skipped:
+            self.skipped.ok(len(self._keys))
+            self.skipped.check(final=True)
+        self._handles: OrderedDict[int, IO[bytes]] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"IndexedShards({len(self)} samples in {len(self.shards)} shards)"
+
+    def key(self, index: int) -> str:
+        return self._keys[index]
+
+    def shard_of(self, index: int) -> str:
+        """The shard file holding item ``index``."""
+        return self.shards[int(self._rows[index, _SHARD])]
+
+    def load(self, index: int) -> Sample:
+        index = self._check_index(index)
+        key = self._keys[index]
+        try:
+            return sample_from_group(key, self._group(index), self.max_pixels, self.caption_key)
+        except BadImageError as e:
+            raise BadImageError(e.reason, key=f"{self.shard_of(index)}:{e.key or key}") from None
+
+    def iter_captions(self, limit: int | None = None) -> Iterator[str]:
+        """Captions of the first ``limit`` items, read without the images (for training the tokenizer).
+
+        Items without an image or a usable caption are passed over.
+        """
+        n = len(self) if limit is None else min(limit, len(self))
+        for i in range(n):
+            if self._rows[i, _IMAGE_EXT] < 0:
+                continue
+            try:
+                captions = captions_from_group(self._keys[i], self._group(i, image=False), self.caption_key)
+            except BadImageError:
+                continue
+            yield from captions
+
+    def _group(self, index: int, image: bool = True) -> dict[str, bytes]:
+        """Item ``index``'s members as :func:`sample_from_group` takes them (only image, txt and json are read)."""
+        row = self._rows[index].tolist()
+        parts: list[tuple[str, int, int]] = []
+        if image and row[_IMAGE_EXT] >= 0:
+            parts.append((_TAR_IMAGE_EXTS[row[_IMAGE_EXT]], row[_IMAGE_AT], row[_IMAGE_SIZE]))
+        for ext, at, size in (("txt", row[_TXT_AT], row[_TXT_SIZE]), ("json", row[_JSON_AT], row[_JSON_SIZE])):
+            if at >= 0:
+                parts.append((ext, at, size))
+        group = dict.fromkeys(self._imageless.get(index, ()), b"")
+        if not parts:
+            return group
+        shard = row[_SHARD]
+        start = min(at for _, at, _ in parts)
+        end = max(at + size for _, at, size in parts)
+        wanted = sum(size for _, _, size in parts)
+        if end - start <= wanted + _MERGE_SLACK:  # the usual case: adjacent members, one read
+            blob = self._read(shard, start, end - start, index)
+            for ext, at, size in parts:
+                group[ext] = blob[at - start : at - start + size]
+        else:
+            for ext, at, size in parts:
+                group[ext] = self._read(shard, at, size, index)
+        return group
+
+    def _read(self, shard: int, offset: int, size: int, index: int) -> bytes:
+        f = self._handle(shard)
+        if hasattr(os, "pread"):  # no shared file position: safe from threads too
+            data = os.pread(f.fileno(), size, offset)
+            while 0 < len(data) < size:
+                more = os.pread(f.fileno(), size - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
+        else:  # pragma: no cover - Windows
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise BadImageError(
+                f"{self.shards[shard]} ended before this item's data (was it changed after it was indexed?)",
+                key=f"{self.shards[shard]}:{self._keys[index]}",
+            )
+        return data
+
+    def _handle(self, shard: int) -> IO[bytes]:
+        """This process's open file for ``shard``; a forked DataLoader worker opens its own."""
+        if self._pid != os.getpid():
+            # Handles inherited through fork share a file position (and are the
+            # parent's to close); dropping them closes only this process's copies.
+            self._handles = OrderedDict()
+            self._pid = os.getpid()
+        f = self._handles.pop(shard, None)
+        if f is None:
+            f = open(self.shards[shard], "rb", buffering=0)
+            size = os.fstat(f.fileno()).st_size
+            if size != self._sizes[shard]:
+                f.close()
+                raise DataError(
+                    f"{self.shards[shard]} changed after it was indexed ({self._sizes[shard]} bytes then, {size} now): "
+                    "open the data set again"
+                )
+            while len(self._handles) >= self.max_open_files:
+                self._handles.popitem(last=False)[1].close()
+        self._handles[shard] = f  # most recently used last
+        return f
+
+    def close(self) -> None:
+        """Close the shard files this process opened (later reads reopen them)."""
+        handles, self._handles = self._handles, OrderedDict()
+        if self._pid == os.getpid():
+            for f in handles.values():
+                f.close()
+
+    def __getstate__(self) -> dict[str, Any]:  # copies (spawned DataLoader workers) open their own files
+        state = self.__dict__.copy()
+        state["_handles"] = OrderedDict()
+        return state
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown; the OS closes the files
+            pass
+
+
 # --- Auto-detection ----------------------------------------------------------------------------
 
 
@@ -763,22 +1134,44 @@ def _coco_image_dir(captions_json: Path) -> Path:
     )
 
 
-def open_dataset(path: PathLike | Sequence[PathLike], **kwargs: Any) -> Dataset:
+# Options only the streaming reader has: asking for one asks for a stream.
+_STREAM_OPTIONS = ("rank", "world_size", "shuffle_shards", "shuffle_buffer", "seed")
+
+
+def _open_shards(spec: PathLike | Sequence[PathLike], streaming: bool | None, kwargs: dict[str, Any]) -> Dataset:
+    shards = expand_shards(spec)
+    if streaming is None:
+        streaming = any(k in kwargs for k in _STREAM_OPTIONS) or any(
+            _is_url(s) or shard_compression(s) for s in shards
+        )
+    return WebDatasetShards(shards, **kwargs) if streaming else IndexedShards(shards, **kwargs)
+
+
+def open_dataset(path: PathLike | Sequence[PathLike], *, streaming: bool | None = None, **kwargs: Any) -> Dataset:
     """Open ``path`` with the reader its contents call for; ``kwargs`` go to the reader.
 
     * a ``.json`` file, or a folder with ``annotations/captions_*.json`` or
       ``captions_*.json`` (exactly one) -> :class:`CocoDataset` (images in the
       folder named after the split, e.g. ``train2017/``, or ``images/``);
-    * a ``.tar`` file, a list of them, a glob or brace pattern (``shard-{000..009}.tar``),
-      a ``http(s)://`` URL, or a folder holding ``*.tar`` -> :class:`WebDatasetShards`;
+    * WebDataset shards - a ``.tar`` (or ``.tar.gz``, ``.tgz``) file, a list of
+      them, a glob or brace pattern (``shard-{000..009}.tar``), a ``http(s)://``
+      URL, or a folder holding ``*.tar`` -> :class:`IndexedShards` (random
+      access) when every shard is a local uncompressed tar, else
+      :class:`WebDatasetShards` (a stream);
     * a folder with image files and same-named ``.txt`` -> :class:`FolderDataset`.
+
+    ``streaming`` picks the shard reader: True streams even local tars, False
+    requires random access (a clear :class:`DataError` for URLs or compressed
+    shards), None (default) decides as above; passing a streaming-only option
+    (``rank``, ``world_size``, ``shuffle_shards``, ``shuffle_buffer``, ``seed``)
+    also streams.  Folders and COCO are always map-style.
     """
     if not isinstance(path, (str, os.PathLike)):
-        return WebDatasetShards(path, **kwargs)
+        return _open_shards(path, streaming, kwargs)
     text = os.fspath(path)
     p = Path(text)
-    if _is_url(text) or "{" in text or any(c in text for c in "*?[") or text.endswith(".tar"):
-        return WebDatasetShards(text, **kwargs)
+    if _is_url(text) or "{" in text or any(c in text for c in "*?[") or text.endswith((".tar", ".tar.gz", ".tgz")):
+        return _open_shards(text, streaming, kwargs)
     if p.is_file() and p.suffix == ".json":
         return CocoDataset(p, _coco_image_dir(p), **kwargs)
     if not p.exists():
@@ -793,7 +1186,7 @@ def open_dataset(path: PathLike | Sequence[PathLike], **kwargs: Any) -> Dataset:
                 "pass the one to use (e.g. annotations/captions_train2017.json)"
             )
         if any(p.glob("*.tar")):
-            return WebDatasetShards(p, **kwargs)
+            return _open_shards(p, streaming, kwargs)
         if _has_captioned_image(p):
             return FolderDataset(p, **kwargs)
     raise DataError(
@@ -824,11 +1217,11 @@ def iter_samples(dataset: Dataset | Iterable[Sample]) -> Iterator[Sample]:
             dataset.skipped.ok()
             yield sample
         dataset.skipped.check(final=True)
-    elif hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+    elif isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        yield from dataset  # type: ignore[misc]
+    else:
         for i in range(len(dataset)):  # type: ignore[arg-type]
             yield dataset[i]
-    else:
-        yield from dataset  # type: ignore[misc]
 
 
 __all__ = [
@@ -838,11 +1231,14 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "FolderDataset",
     "IMAGE_EXTENSIONS",
+    "IndexedShards",
     "Sample",
     "SkipCounter",
     "Skipped",
+    "StreamingOnlyError",
     "TooManyBadImagesError",
     "WebDatasetShards",
+    "captions_from_group",
     "distributed_rank_and_world",
     "expand_braces",
     "expand_shards",
@@ -851,4 +1247,6 @@ __all__ = [
     "open_dataset",
     "parse_caption_lines",
     "read_captions_file",
+    "sample_from_group",
+    "shard_compression",
 ]

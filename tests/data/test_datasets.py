@@ -344,7 +344,7 @@ def _key(sample: Sample) -> str:
 
 def test_webdataset_streams_samples_with_txt_and_json_captions(make_shards, tmp_path):
     make_shards(2, 3)
-    ds = open_dataset(tmp_path / "shards")
+    ds = open_dataset(tmp_path / "shards", streaming=True)  # local plain tars open indexed unless asked to stream
     assert isinstance(ds, WebDatasetShards)
     samples = list(ds)
     assert [s.key for s in samples] == [f"{s:04d}{k:05d}" for s in range(2) for k in range(3)]
@@ -357,7 +357,7 @@ def test_webdataset_paths_globs_and_brace_patterns(make_shards, tmp_path):
     paths = make_shards(3, 2)
     assert expand_braces("a{08..10}b{x,y}") == ["a08bx", "a08by", "a09bx", "a09by", "a10bx", "a10by"]
     for spec in (str(tmp_path / "shards" / "{00000..00002}.tar"), str(tmp_path / "shards" / "*.tar"), paths, str(paths[0])):
-        ds = open_dataset(spec)
+        ds = open_dataset(spec, streaming=True)
         assert isinstance(ds, WebDatasetShards)
         assert len(list(ds)) == (2 if spec == str(paths[0]) else 6)
     with pytest.raises(DataError, match="does not exist"):
