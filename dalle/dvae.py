@@ -104,11 +104,14 @@ class DVAEOutput:
     ``nll`` (per pixel channel), ``kl`` (nats per grid position), ``mse``, ``psnr``
     (of the decoded median), ``perplexity`` and ``usage`` (fraction of the codebook
     chosen by at least one position of the batch) and, for VQ, ``commitment``.
+    ``tokens``: the code each grid position chose ``[B, g, g]`` (the posterior's argmax
+    for Gumbel), from which data-parallel training pools the code use of a whole batch.
     """
 
     loss: Tensor
     recon: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    tokens: Tensor | None = None
 
 
 # --- Building blocks ---------------------------------------------------------------------
@@ -231,7 +234,11 @@ class Decoder(nn.Module):
 
 def code_statistics(tokens: Tensor, codebook_size: int) -> tuple[Tensor, Tensor]:
     """Perplexity of the code histogram and the fraction of codes used, over ``tokens``."""
-    counts = torch.bincount(tokens.flatten(), minlength=codebook_size).float()
+    return histogram_statistics(torch.bincount(tokens.flatten(), minlength=codebook_size).float())
+
+
+def histogram_statistics(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Perplexity and fraction of codes used of a code histogram ``counts [K]`` (float)."""
     p = counts / counts.sum().clamp_min(1.0)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
     return entropy.exp(), (counts > 0).float().mean()
@@ -244,14 +251,20 @@ class GumbelQuantizer(nn.Module):
         super().__init__()
         self.codebook_size = codebook_size
         self.straight_through = straight_through
+        # The source of the Gumbel noise: None, the global random stream.  A data-parallel
+        # training loop gives each process a generator of its own: the processes start from
+        # one seed, so on the global stream every slice of the batch would get the same noise.
+        self.generator: torch.Generator | None = None
 
     def forward(self, logits: Tensor, temperature: float) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """``logits [B, K, g, g]`` -> (soft one-hot codes ``[B, K, g, g]``, KL summed per image ``[B]``, metrics)."""
         log_q = F.log_softmax(logits, dim=1)
         # KL(q || uniform) = sum_k q_k log q_k + log K, for each grid position.
         kl = (log_q.exp() * log_q).sum(dim=1) + math.log(self.codebook_size)
-        if self.training:
+        if self.training and self.generator is None:
             codes = F.gumbel_softmax(logits, tau=temperature, hard=self.straight_through, dim=1)
+        elif self.training:
+            codes = gumbel_softmax(logits, temperature, self.straight_through, self.generator)
         else:
             codes = self.one_hot(logits.argmax(dim=1))
         perplexity, usage = code_statistics(logits.detach().argmax(dim=1), self.codebook_size)
@@ -262,6 +275,16 @@ class GumbelQuantizer(nn.Module):
         return F.one_hot(tokens, self.codebook_size).permute(0, 3, 1, 2).float()
 
 
+def gumbel_softmax(logits: Tensor, temperature: float, hard: bool, generator: torch.Generator) -> Tensor:
+    """``F.gumbel_softmax`` over dim 1 with the noise drawn from ``generator``."""
+    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()
+    soft = ((logits + gumbels) / temperature).softmax(dim=1)
+    if not hard:
+        return soft
+    one_hot = torch.zeros_like(logits).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
+    return one_hot - soft.detach() + soft  # the one-hot sample forward, the relaxation's gradient
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour quantiser with an EMA codebook and dead-code restarts (VQ-VAE).
 
@@ -269,6 +292,10 @@ class VectorQuantizer(nn.Module):
     running sums average the encoder outputs assigned to each code.  A code whose EMA
     count falls below :data:`VQ_DEAD_CODE_COUNT` is re-initialised from a random encoder
     output of the current batch, so the codebook never collapses onto a few entries.
+
+    Data-parallel training (``data_parallel = True``, set by the training loop on every
+    process) keeps one codebook on all processes, equal to the one a single process
+    with the whole batch would keep: see :meth:`update_codebook`.
     """
 
     def __init__(self, codebook_size: int, code_dim: int, decay: float = VQ_EMA_DECAY):
@@ -282,6 +309,7 @@ class VectorQuantizer(nn.Module):
         # restarted from that batch's encoder outputs (a data-dependent initialisation).
         self.register_buffer("ema_count", torch.zeros(codebook_size))
         self.register_buffer("ema_sum", embed.clone())
+        self.data_parallel = False
 
     def nearest(self, z: Tensor) -> Tensor:
         """``z [N, D]`` -> index of the nearest codebook vector ``[N]``."""
@@ -314,21 +342,79 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def update_codebook(self, flat: Tensor, tokens: Tensor) -> None:
+        """EMA step of the codebook on encoder outputs ``flat [N, D]`` and their codes ``tokens [N]``.
+
+        With ``data_parallel`` each process passes its contiguous slice of the batch (the
+        processes in rank order make the whole batch, in order; equal slices).  The
+        assignment counts and sums are added up over processes before the EMA step, and a
+        dead code restart draws from the fit errors of the whole batch with the random
+        stream every process holds in the same state, so all processes restart the same
+        codes on the same encoder outputs.  ``ema_count`` is then bitwise what one process
+        computes (sums of whole counts); ``ema_sum`` and ``embed`` equal it up to the order
+        of float additions.
+        """
         error = (flat - self.embed[tokens]).pow(2).sum(1)  # before the codebook moves
         one_hot = F.one_hot(tokens, self.codebook_size).type_as(flat)
-        self.ema_count.mul_(self.decay).add_(one_hot.sum(0), alpha=1 - self.decay)
-        self.ema_sum.mul_(self.decay).add_(one_hot.t() @ flat, alpha=1 - self.decay)
-        dead = self.ema_count < VQ_DEAD_CODE_COUNT
+        counts, sums = one_hot.sum(0), one_hot.t() @ flat
+        if self.data_parallel:
+            counts, sums = _sum_over_processes(counts, sums)
+        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        dead = self.ema_count < VQ_DEAD_CODE_COUNT  # the same on every process, as ema_count is
         n_dead = int(dead.sum())
         if n_dead:
+            if self.data_parallel:
+                error = _gather_over_processes(error)  # the whole batch's, in its order
             # Restart dead codes on encoder outputs of this batch, drawn in proportion to
             # how badly the codebook fits them (as k-means++ seeds): the black background
             # fills most positions and is already well served by a code or two.
             weights = error + 1e-12 * error.max().clamp_min(1e-12)
-            pick = torch.multinomial(weights, n_dead, replacement=n_dead > len(flat))
-            self.ema_sum[dead] = flat[pick] * VQ_RESTART_COUNT
+            pick = torch.multinomial(weights, n_dead, replacement=n_dead > len(weights))
+            seeds = _rows_over_processes(flat, pick) if self.data_parallel else flat[pick]
+            self.ema_sum[dead] = seeds * VQ_RESTART_COUNT
             self.ema_count[dead] = VQ_RESTART_COUNT
         self.embed.copy_(self.ema_sum / self.ema_count.clamp_min(1e-5)[:, None])
+
+
+# Collectives of a data-parallel VQ codebook update (used only with ``data_parallel``: a
+# single process never imports torch.distributed here).  Every process calls them in the
+# same order, on slices of equal size.
+
+
+def _sum_over_processes(counts: Tensor, sums: Tensor) -> tuple[Tensor, Tensor]:
+    """``counts [K]`` and ``sums [K, D]`` added up over processes (one all-reduce)."""
+    import torch.distributed as dist
+
+    packed = torch.cat([counts[:, None], sums], dim=1)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return packed[:, 0], packed[:, 1:]
+
+
+def _gather_over_processes(values: Tensor) -> Tensor:
+    """The processes' ``values [N]`` concatenated in rank order ``[world * N]``."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, values.contiguous())
+    return torch.cat(parts)
+
+
+def _rows_over_processes(flat: Tensor, pick: Tensor) -> Tensor:
+    """Rows ``pick`` (indices into the whole batch) of the processes' ``flat [N, D]`` slices.
+
+    Each process fills in the rows it holds and zeros elsewhere; the sum over processes
+    is then every row exactly (x + 0 = x), at the cost of ``len(pick) x D`` numbers
+    rather than gathering all encoder outputs.
+    """
+    import torch.distributed as dist
+
+    n = len(flat)
+    local = pick - dist.get_rank() * n
+    mine = (local >= 0) & (local < n)
+    rows = torch.zeros(len(pick), flat.shape[1], dtype=flat.dtype, device=flat.device)
+    rows[mine] = flat[local[mine]]
+    dist.all_reduce(rows, op=dist.ReduceOp.SUM)
+    return rows
 
 
 # --- The model -----------------------------------------------------------------------------
@@ -430,8 +516,9 @@ class DiscreteVAE(nn.Module):
             if isinstance(self.quantizer, GumbelQuantizer):
                 codes, kl, metrics = self.quantizer(z, temperature)
                 regulariser = kl_weight * kl.mean() / images[0].numel()
+                tokens = z.detach().argmax(dim=1)
             else:
-                codes, _, commitment, metrics = self.quantizer(z)
+                codes, tokens, commitment, metrics = self.quantizer(z)
                 regulariser = VQ_COMMITMENT * commitment
         stats = self.decoder(codes).float()
         loc, log_scale = stats[:, :c], stats[:, c:]
@@ -445,7 +532,7 @@ class DiscreteVAE(nn.Module):
         with torch.no_grad():
             mse = (recon - images).pow(2).mean()
         metrics = {"nll": nll.detach(), "mse": mse, "psnr": psnr_from_mse(mse), **metrics}
-        return DVAEOutput(loss=loss, recon=recon, metrics=metrics)
+        return DVAEOutput(loss=loss, recon=recon, metrics=metrics, tokens=tokens)
 
     # -- persistence --
 

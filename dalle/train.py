@@ -169,11 +169,7 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
         elif stage == "dvae":
             from dalle.training.dvae import train_dvae
 
-            # The dVAE and CLIP are small: under torchrun rank 0 trains them while the
-            # others wait (CLIP's contrastive loss also wants every negative on one rank).
-            if info.is_main:
-                train_dvae(dataset, out, config, minutes=budget, **common)
-            barrier(info)
+            train_dvae(dataset, out, config, minutes=budget, strategy=strategy, **common)
         elif stage == "transformer":
             from dalle.dvae import DiscreteVAE
             from dalle.tokenizer import TextTokenizer

@@ -39,25 +39,20 @@ def _images_tensor(samples, size: int, device) -> torch.Tensor:
 
 @torch.inference_mode()
 def evaluate_dvae(pipe: DallePipeline, samples, batch: int = 64) -> dict[str, float]:
-    dvae, size = pipe.dvae, pipe.image_size
-    used = torch.zeros(dvae.codebook_size, dtype=torch.bool)
-    squared_error, pixels, passed = 0.0, 0, 0
-    for start in range(0, len(samples), batch):
-        chunk = samples[start:start + batch]
-        images = _images_tensor(chunk, size, pipe.device)
-        tokens = dvae.encode(images)
-        recon = dvae.decode(tokens).float().clamp(0, 1)
-        used[tokens.flatten().unique().cpu()] = True
-        squared_error += float(((recon - images) ** 2).sum())
-        pixels += images.numel()
-        from dalle.pipeline import tensor_to_pil
+    """PSNR and codebook use of the tokenised reconstructions (as the training loop logs
+    them), and how often the judge still accepts a reconstruction with its caption."""
+    from dalle.dvae import code_statistics, psnr_from_mse
+    from dalle.pipeline import tensor_to_pil
+    from dalle.training.dvae import reconstruct
 
-        for sample, image in zip(chunk, tensor_to_pil(recon)):
-            passed += judge(image, sample.captions[0]).passed
-    mse = squared_error / pixels
+    images = _images_tensor(samples, pipe.image_size, "cpu")
+    recon, tokens = reconstruct(pipe.dvae, images, batch)
+    recon = recon.clamp(0, 1)
+    _, usage = code_statistics(tokens, pipe.dvae.codebook_size)
+    passed = sum(judge(image, sample.captions[0]).passed for sample, image in zip(samples, tensor_to_pil(recon)))
     return {
-        "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
-        "codebook_usage": float(used.float().mean()),
+        "psnr": float(psnr_from_mse((recon - images).pow(2).mean())),
+        "codebook_usage": float(usage),
         "recon_pass_rate": passed / len(samples),
     }
 

@@ -32,6 +32,7 @@ warning.
 from __future__ import annotations
 
 import atexit
+import inspect
 import os
 import warnings
 from contextlib import contextmanager
@@ -241,7 +242,8 @@ def resolve_strategy(strategy: str, info: DistInfo) -> str:
 
 
 def wrap_model(
-    model: nn.Module, info: DistInfo, strategy: str = "ddp", units: Sequence[nn.Module] | None = None
+    model: nn.Module, info: DistInfo, strategy: str = "ddp", units: Sequence[nn.Module] | None = None,
+    broadcast_buffers: bool = True,
 ) -> nn.Module:
     """``model`` ready for data-parallel training; itself on one process.
 
@@ -253,6 +255,12 @@ def wrap_model(
     with the root.  Parameters must be on ``info.device`` already.  Train through the
     returned module's ``forward`` (the hooks that average gradients live there); keep the
     original ``model`` for checkpoints (see :func:`full_state_dict`).
+
+    ``broadcast_buffers`` (DDP): True, DDP's default, copies rank 0's buffers to every rank
+    at the start of each forward.  False copies them once, here, and then leaves each rank
+    its own: for buffers the model itself keeps equal on all ranks (the dVAE's VQ codebook,
+    updated in forward from statistics summed over ranks), where a broadcast would be
+    redundant and would hide a drift from :func:`check_replicas_identical`.
     """
     strategy = resolve_strategy(strategy, info)
     if not info.distributed:
@@ -261,7 +269,15 @@ def wrap_model(
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        kwargs: dict[str, Any] = {}
+        if not broadcast_buffers:
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+                kwargs["forward_sync_buffers"] = False  # PyTorch >= 2.13: buffers still synced at construction
+            else:  # older: broadcast_buffers=False also skips the sync at construction, so sync them here
+                for buffer in model.buffers():
+                    dist.broadcast(buffer.data, src=0)
+                kwargs["broadcast_buffers"] = False
+        return DistributedDataParallel(model, device_ids=device_ids, **kwargs)
     fully_shard = _fully_shard()
     if units is None:
         units = list(getattr(model, "blocks", []))

@@ -16,6 +16,20 @@ checkpoint holds weights, optimizer, weight average and random states, so an
 interrupted run that is resumed ends bitwise identical (on the CPU) to one that was
 never interrupted.
 
+Several processes: under ``torchrun --nproc_per_node=N`` the same loop trains
+data-parallel (:mod:`dalle.training.distributed`) with DDP.  The batch size is the
+*global* batch: every rank draws the same batch of step ``s`` and trains on its
+contiguous slice; the loss is a mean over the slice, so DDP's average of the ranks'
+gradients is the whole batch's gradient.  The VQ codebook, which is not trained by
+gradients but kept as moving averages in the forward pass, pools the assignment
+statistics of all ranks (:meth:`dalle.dvae.VectorQuantizer.update_codebook`), so the
+loss curve, weights and codebook follow a one-process run with the same batch up to
+float rounding.  The Gumbel quantiser's noise is drawn per rank (a one-process run
+draws it for the whole batch at once, which the slices cannot reproduce), so there a
+run on ``N`` processes is a different sample of the same training, not the same one.
+Rank 0 writes the logs (of the whole batch), checkpoints (full tensors, loadable at
+any world size), sample grids and export.
+
 ``minutes``: the schedules need the total number of steps up front, so a time budget
 is turned into a step count before the first step, by timing a few forward/backward
 passes on a throw-away copy of the model (the real run's random stream is not
@@ -42,8 +56,12 @@ from PIL import Image
 from torch import Tensor
 
 from dalle.config import DalleConfig
-from dalle.data.preprocess import PAPER_CROP_SCALE, make_generator, to_tensor, train_transform
-from dalle.dvae import DiscreteVAE, GumbelQuantizer, code_statistics, psnr_from_mse
+from dalle.data.preprocess import (PAPER_CROP_SCALE, crop_resize, derive_seed, make_generator, random_crop_box,
+                                   to_tensor)
+from dalle.dvae import (DiscreteVAE, GumbelQuantizer, VectorQuantizer, code_statistics, histogram_statistics,
+                        psnr_from_mse)
+from dalle.training import distributed as dd
+from dalle.training.distributed import DistInfo
 from dalle.training.state import EMA, Checkpointer, NonFiniteGuard, cosine, warmup_cosine
 
 TEMPERATURE_START = 1.0
@@ -55,29 +73,55 @@ ADAM_BETAS = (0.9, 0.999)
 WEIGHT_DECAY = 1e-4
 CHECKPOINT_EVERY = 500
 BUDGET_SAFETY = 0.92  # fraction of a --minutes budget given to training steps (rest: eval, export)
+NOISE_STREAM = 29  # mixes into the seeds of each rank's Gumbel noise (data-parallel runs only)
 
 
 # --- batches -----------------------------------------------------------------------------
 
 
-def image_tensor(image: Image.Image, image_size: int, generator: torch.Generator) -> Tensor:
-    """An item's PIL image -> ``[3, S, S]`` in [0, 1].
+def crop_box(image: Image.Image, image_size: int, generator: torch.Generator) -> tuple[int, int, int, int] | None:
+    """The random crop of an item's image (None: used whole), drawn from ``generator``.
 
-    Images already of the model's size (the shapes set) are used as they are: a crop
-    would cut objects.  Others get the paper's random square crop, resized.
+    Images already of the model's size (the shapes set) are used as they are, drawing
+    nothing: a crop would cut objects.  Others get the paper's random square crop.
     """
+    if image.size == (image_size, image_size):
+        return None
+    return random_crop_box(image.width, image.height, PAPER_CROP_SCALE, generator)
+
+
+def image_tensor(image: Image.Image, image_size: int, generator: torch.Generator) -> Tensor:
+    """An item's PIL image -> ``[3, S, S]`` in [0, 1]: :func:`crop_box`, resized."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    if image.size == (image_size, image_size):
-        return to_tensor(image)
-    return train_transform(image, image_size, PAPER_CROP_SCALE, generator)
+    box = crop_box(image, image_size, generator)
+    return to_tensor(image if box is None else crop_resize(image, box, image_size))
 
 
-def batch_for_step(dataset: Any, seed: int, step: int, batch_size: int, image_size: int) -> Tensor:
-    """The training batch of step ``step``: a function of ``(seed, step)`` only."""
+def batch_for_step(
+    dataset: Any, seed: int, step: int, batch_size: int, image_size: int, info: DistInfo | None = None
+) -> Tensor:
+    """The training batch of step ``step``: a function of ``(seed, step)`` only.
+
+    With ``info`` of several processes ``batch_size`` is the global batch and this rank's
+    contiguous slice of it is returned.  The items' crops share one random stream, so the
+    items before the slice are read to replay their crops' draws (not cropped, resized or
+    converted) and the items after it are not read at all: the slices of all ranks put
+    together are exactly the one-process batch.
+    """
     g = make_generator(seed, step)
     indices = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
-    return torch.stack([image_tensor(dataset[i].image, image_size, g) for i in indices])
+    if info is None or not info.distributed:
+        return torch.stack([image_tensor(dataset[i].image, image_size, g) for i in indices])
+    start, stop = dd.shard_bounds(batch_size, info)
+    images = []
+    for place, i in enumerate(indices[:stop]):
+        image = dataset[i].image
+        if place < start:
+            crop_box(image, image_size, g)  # another rank's item: only advance the stream past it
+        else:
+            images.append(image_tensor(image, image_size, g))
+    return torch.stack(images)
 
 
 def fixed_images(dataset: Any, n: int, image_size: int) -> Tensor:
@@ -143,11 +187,16 @@ def schedules(step: int, total: int, peak_lr: float, kl_weight: float) -> dict[s
 
 
 def estimate_steps(model: DiscreteVAE, images: Tensor, minutes: float, autocast: Any) -> tuple[int, float]:
-    """Steps that fit in ``minutes``, timed on a copy of the model (RNG state untouched)."""
+    """Steps that fit in ``minutes``, timed on a copy of the model (RNG state untouched).
+
+    Call it before :func:`data_parallel_quantizer`: the probe must not talk to other ranks.
+    """
     probe = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(probe.parameters(), lr=1e-9)
     times = []
-    with torch.random.fork_rng(devices=[]):
+    # The CUDA stream too: VQ restarts and Gumbel noise draw from it, and under torchrun only
+    # rank 0 runs the probe, so a consumed draw would set the ranks' streams apart.
+    with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
         for _ in range(6):
             t0 = time.perf_counter()
             with autocast:
@@ -164,6 +213,50 @@ def estimate_steps(model: DiscreteVAE, images: Tensor, minutes: float, autocast:
 
 CSV_FIELDS = ["step", "loss", "nll", "kl", "commitment", "mse", "psnr", "perplexity", "usage",
               "temperature", "kl_weight", "lr", "seconds", "eval_psnr", "eval_usage"]  # fmt: skip
+MEAN_METRICS = ("nll", "kl", "commitment", "mse")  # batch means: the global one is the mean over ranks
+
+
+def data_parallel_quantizer(model: DiscreteVAE, device: torch.device) -> torch.Generator | None:
+    """Make the quantiser of ``model`` train on one slice of the batch per rank.
+
+    VQ: the codebook statistics are pooled over ranks (one codebook everywhere).  Gumbel:
+    each rank gets a noise generator of its own, returned for the loop to seed each step
+    (from the seed, step and rank: exact resume needs no state).  None for VQ.
+    """
+    if isinstance(model.quantizer, VectorQuantizer):
+        model.quantizer.data_parallel = True
+        return None
+    noise = torch.Generator(device=device)
+    model.quantizer.generator = noise
+    return noise
+
+
+def reduce_metrics(out: Any, info: DistInfo, codebook_size: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """The whole batch's loss and metrics from each rank's slice (one all-reduce; as they are on one process).
+
+    Means over equal slices average to the whole batch's mean; the PSNR is recomputed
+    from the mean squared error and the code use from the pooled code histogram.
+    """
+    if not info.distributed:
+        return out.loss, out.metrics
+    names = [k for k in MEAN_METRICS if k in out.metrics]
+    counts = torch.bincount(out.tokens.flatten(), minlength=codebook_size).float()
+    means = torch.stack([out.loss.detach().float()] + [out.metrics[k].float() for k in names])
+    packed = dd.all_reduce_sum(torch.cat([means, counts]), info)
+    means = packed[: len(means)] / info.world_size
+    metrics = dict(out.metrics, **dict(zip(names, means[1:])))
+    metrics["psnr"] = psnr_from_mse(metrics["mse"])
+    metrics["perplexity"], metrics["usage"] = histogram_statistics(packed[len(means) :])
+    return means[0], metrics
+
+
+def _check_strategy(strategy: str, info: DistInfo) -> None:
+    if strategy not in dd.STRATEGIES:
+        raise ValueError(f"strategy must be one of {dd.STRATEGIES}, got {strategy!r}")
+    if strategy == "fsdp" and info.distributed and info.is_main:
+        # Sharding pays for models that do not fit one device; the dVAE is small.
+        warnings.warn("the dVAE trains data-parallel with DDP; strategy 'fsdp' applies to the transformer only",
+                      stacklevel=3)
 
 
 def train_dvae(
@@ -182,6 +275,7 @@ def train_dvae(
     checkpoint_every: int = CHECKPOINT_EVERY,
     stop_after: int | None = None,
     progress: bool = True,
+    strategy: str = "ddp",
 ) -> Path:
     """Train the dVAE of ``config`` on ``dataset`` (items with ``.image``); return ``out_dir/"dvae"``.
 
@@ -191,24 +285,36 @@ def train_dvae(
     training set) feeds the sample grids and the logged held-out PSNR.  ``stop_after``
     ends the run early after that many steps, checkpointed, as an interruption would
     (for tests); ``resume`` continues from the newest checkpoint in ``out_dir``.
+
+    Under ``torchrun`` every rank calls this: the run is data-parallel over the job's
+    processes (``device`` "cuda" becomes each rank's own GPU) and ``config.train.dvae_batch``
+    is the global batch, divisible by the number of processes.  ``strategy``: "ddp"; the
+    dVAE is small, so "fsdp" (accepted for a command line shared with the transformer)
+    trains with DDP too, with a warning.
     """
     out_dir = Path(out_dir)
     dcfg, tcfg = config.dvae, config.train
     seed = tcfg.seed if seed is None else seed
-    device = torch.device(device)
     if len(dataset) == 0:
         raise ValueError("the dVAE training set is empty; point --data at a folder of images")
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if minutes is not None and minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {minutes}")
+    info = dd.init_distributed(device)
+    _check_strategy(strategy, info)
+    device, main = info.device, info.is_main
     eval_dataset = dataset if eval_dataset is None else eval_dataset
     batch_size, size = tcfg.dvae_batch, dcfg.image_size
+    if batch_size % info.world_size:
+        raise ValueError(f"dvae_batch={batch_size} must be divisible by the {info.world_size} processes "
+                         "(each trains on an equal slice of the batch)")
+    shard = info if info.distributed else None
     # bf16 autocast on CUDA (the likelihood and quantiser statistics stay in fp32).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     start_time = time.perf_counter()
 
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the same on every rank: same weights, and random streams in step
     model = DiscreteVAE(dcfg).to(device).to(memory_format=torch.channels_last).train()
     ema = EMA(model, tcfg.ema_decay)
     decay, no_decay = [], []
@@ -221,53 +327,77 @@ def train_dvae(
     checkpointer = Checkpointer(out_dir / "checkpoints" / "dvae")
     guard = NonFiniteGuard()
 
+    # Every rank restores the same checkpoint (full tensors and rank 0's random states).
     step, total, elapsed_before = 0, None, 0.0
+    restored = None
     if resume:
         restored = checkpointer.load_latest({"model": model, "ema": ema.module}, {"optimizer": optimizer})
         if restored is None:
-            warnings.warn(f"--resume: no checkpoint in {checkpointer.folder}; starting from scratch", stacklevel=2)
+            if main:
+                warnings.warn(f"--resume: no checkpoint in {checkpointer.folder}; starting from scratch", stacklevel=2)
         else:
             step, extra = restored
             total, elapsed_before = int(extra["total_steps"]), float(extra.get("seconds", 0.0))
-            if steps is not None and steps != total:
+            if steps is not None and steps != total and main:
                 warnings.warn(f"resuming a {total}-step run: steps={steps} ignored (the schedules keep their length)",
                               stacklevel=2)
     if total is None:
         total = steps if steps is not None else tcfg.dvae_steps
-        if minutes is not None:
-            probe_images = batch_for_step(dataset, seed, 0, batch_size, size).to(device)
-            fit, per_step = estimate_steps(model, probe_images, minutes, autocast)
-            total = fit if steps is None else min(steps, fit)
-            print(f"dvae: {per_step:.3f} s a step -> {total} steps in {minutes:g} minutes")
+        if minutes is not None:  # timed by rank 0 on its slice, then shared
+            fit = None
+            if main:
+                probe_images = batch_for_step(dataset, seed, 0, batch_size, size, shard).to(device)
+                fit, per_step = estimate_steps(model, probe_images, minutes, autocast)
+                fit = fit if steps is None else min(steps, fit)
+                print(f"dvae: {per_step:.3f} s a step -> {fit} steps in {minutes:g} minutes")
+            total = int(dd.broadcast_object(fit, info))
     # The budget covers the whole run, a resumed one included (at least one step is taken).
     deadline = math.inf
     if minutes is not None:
         deadline = start_time + minutes * 60 * (BUDGET_SAFETY + 1) / 2 - elapsed_before
     end = total if stop_after is None else min(total, stop_after)
 
+    # Data parallel: train through DDP's wrapper (its forward arms the gradient averaging).
+    # Buffers are not broadcast from rank 0 at each forward: the VQ codebook is updated in
+    # the forward pass from statistics pooled over the ranks, so every rank already holds
+    # rank 0's codebook; a broadcast would cost a copy a step and mask a drift that the
+    # final check_replicas_identical is there to catch.
+    wrapped = model
+    noise = None
+    if info.distributed:
+        wrapped = dd.wrap_model(model, info, "ddp", broadcast_buffers=False)
+        if restored is None:  # the wrapper started every replica from rank 0's weights; so does the average
+            ema.module.load_state_dict(model.state_dict())
+        noise = data_parallel_quantizer(model, device)
+
     log_path = out_dir / "logs" / "dvae.csv"
-    rows = _kept_log_rows(log_path, step) if resume else []
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "w", newline="")
-    log = csv.DictWriter(log_file, fieldnames=CSV_FIELDS)
-    log.writeheader()
-    log.writerows(rows)
-    sample_images = fixed_images(eval_dataset, 8, size)
-    eval_images = fixed_images(eval_dataset, 64, size)
+    log_file = log = None
+    if main:
+        rows = _kept_log_rows(log_path, step) if resume else []
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_path, "w", newline="")
+        log = csv.DictWriter(log_file, fieldnames=CSV_FIELDS)
+        log.writeheader()
+        log.writerows(rows)
+        sample_images = fixed_images(eval_dataset, 8, size)
+        eval_images = fixed_images(eval_dataset, 64, size)
 
     time_up = False
-    bar = _progress(step, end, progress)
+    bar = _progress(step, end, progress and main)
     try:
         while step < end:
             s = schedules(step, total, tcfg.dvae_lr, dcfg.kl_weight)
             for group in optimizer.param_groups:
                 group["lr"] = s["lr"]
-            images = batch_for_step(dataset, seed, step, batch_size, size).to(device)
+            images = batch_for_step(dataset, seed, step, batch_size, size, shard).to(device)
             images = images.contiguous(memory_format=torch.channels_last)
+            if noise is not None:
+                noise.manual_seed(derive_seed(seed, step, NOISE_STREAM, info.rank))
             with autocast:
-                out = model(images, temperature=s["temperature"], kl_weight=s["kl_weight"])
+                out = wrapped(images, temperature=s["temperature"], kl_weight=s["kl_weight"])
+            loss, metrics = reduce_metrics(out, info, dcfg.codebook_size)  # the whole batch's
             optimizer.zero_grad(set_to_none=True)
-            if guard.check(out.loss):
+            if guard.check(loss):  # the same decision on every rank: the loss is the batch's
                 out.loss.backward()
                 optimizer.step()
                 # Bias-corrected warm-up of the average: early weights are forgotten fast.
@@ -275,39 +405,53 @@ def train_dvae(
                 ema.update(model)
             step += 1
             time_up = step < end and time.perf_counter() > deadline
+            if info.distributed and math.isfinite(deadline):
+                time_up = dd.any_rank(time_up, info)  # every rank must stop at the same step
             last = step == end or time_up
 
             if step % log_every == 0 or step % sample_every == 0 or last:
-                row = {k: round(float(v), 5) for k, v in out.metrics.items() if k in CSV_FIELDS}
-                row.update(step=step, loss=round(float(out.loss.detach()), 5), seconds=round(
+                row = {k: round(float(v), 5) for k, v in metrics.items() if k in CSV_FIELDS}
+                row.update(step=step, loss=round(float(loss.detach()), 5), seconds=round(
                     elapsed_before + time.perf_counter() - start_time, 1), **{k: round(v, 6) for k, v in s.items()})
                 if step % sample_every == 0 or last:
-                    recon, tokens = reconstruct(ema.module, eval_images)
-                    row["eval_psnr"] = round(float(psnr_from_mse((recon - eval_images).pow(2).mean())), 3)
-                    row["eval_usage"] = round(float(code_statistics(tokens, dcfg.codebook_size)[1]), 4)
-                    save_grid(sample_images, recon[: len(sample_images)], out_dir / "samples" / f"dvae_step{step:06d}.png")
-                log.writerow(row)
-                log_file.flush()
+                    if main:
+                        recon, tokens = reconstruct(ema.module, eval_images)
+                        row["eval_psnr"] = round(float(psnr_from_mse((recon - eval_images).pow(2).mean())), 3)
+                        row["eval_usage"] = round(float(code_statistics(tokens, dcfg.codebook_size)[1]), 4)
+                        save_grid(sample_images, recon[: len(sample_images)],
+                                  out_dir / "samples" / f"dvae_step{step:06d}.png")
+                    dd.barrier(info)
+                if log is not None and log_file is not None:
+                    log.writerow(row)
+                    log_file.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", psnr=f"{row['psnr']:.1f}",
                                     codes=f"{row['usage']:.2f}", tau=f"{s['temperature']:.2f}")
             if bar is not None:
                 bar.update(1)
             if step % checkpoint_every == 0 or last:
-                extra = {"total_steps": total, "seed": seed,
+                extra = {"total_steps": total, "seed": seed, "world_size": info.world_size,
                          "seconds": elapsed_before + time.perf_counter() - start_time}
-                checkpointer.save(step, {"model": model, "ema": ema.module}, {"optimizer": optimizer}, extra)
+                if main:  # full tensors of the plain model: loadable at any world size
+                    checkpointer.save(step, {"model": model, "ema": ema.module}, {"optimizer": optimizer}, extra)
+                dd.barrier(info)
             if time_up:
-                warnings.warn(f"time budget spent at step {step} of {total}; stopping early", stacklevel=2)
+                if main:
+                    warnings.warn(f"time budget spent at step {step} of {total}; stopping early", stacklevel=2)
                 break
     finally:
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
         if bar is not None:
             bar.close()
 
     export = out_dir / "dvae"
-    if step >= total or time_up:  # an interrupted run (stop_after) is not exported
+    if main and (step >= total or time_up):  # an interrupted run (stop_after) is not exported
         ema.module.float().save_pretrained(export)
+    dd.barrier(info)
+    # Replicated weights and codebooks must agree bit for bit; a drift is a bug worth reporting loudly.
+    dd.check_replicas_identical(model, info, "dVAE")
+    dd.check_replicas_identical(ema.module, info, "dVAE weight average")
     return export
 
 
