@@ -178,6 +178,31 @@ def _empty_tokenizer() -> Tokenizer:
     return tokenizer
 
 
+def _canonical_ids(tokenizer: Tokenizer) -> Tokenizer:
+    """The trained tokenizer renumbered: special tokens, then the alphabet sorted, then merges in order.
+
+    The library numbers the word-final characters ("e</w>") in hash-map iteration
+    order, which changes from run to run (huggingface/tokenizers#1794): two trainings
+    on the same captions gave the same tokens under different ids, so two identical
+    ``dalle train all`` runs trained different text embeddings.  The merges, and so
+    every segmentation, are unchanged.
+    """
+    data = json.loads(tokenizer.to_str())
+    model = data["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    specials = [t["content"] for t in sorted(data["added_tokens"], key=operator.itemgetter("id"))]
+    merged = list(dict.fromkeys(left + right for left, right in merges))
+    taken = set(specials) | set(merged)
+    alphabet = sorted(token for token in model["vocab"] if token not in taken)
+    order = specials + alphabet + merged
+    if sorted(order) != sorted(model["vocab"]):  # pragma: no cover - a library format change
+        raise RuntimeError("renumbering the trained BPE vocabulary would change it; check the tokenizers version")
+    model["vocab"] = {token: i for i, token in enumerate(order)}
+    for added in data["added_tokens"]:
+        added["id"] = model["vocab"][added["content"]]
+    return Tokenizer.from_str(json.dumps(data))
+
+
 class TextTokenizer:
     """Caption text <-> ``text_len`` ids: lower-cased BPE, then per-position padding.
 
@@ -299,7 +324,7 @@ class TextTokenizer:
                 f"its word-final form) plus {len(SPECIAL_TOKENS)} special token(s) need "
                 f"{tokenizer.get_vocab_size()} ids; raise tokenizer.vocab_size"
             )
-        return cls(tokenizer, config)
+        return cls(_canonical_ids(tokenizer), config)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write ``folder/tokenizer.json`` (the library's format) and ``folder/config.json``."""

@@ -71,6 +71,8 @@ def open_training_data(data: str, split: str = "train", seed: int = 0, shapes_si
         return ShapesDataset(split=split, size=shapes_size, seed=seed)
     from dalle.data import open_dataset
 
+    if "://" in data or any(c in data for c in "{*?["):  # shard URLs and patterns: the reader expands them
+        return open_dataset(data)
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"--data {data} does not exist (make one with: dalle data shapes --out {data} --count 10000)")

@@ -366,3 +366,11 @@ def test_read_caption_file(tmp_path):
     assert read_caption_file(path) == ["a red circle", "a blue square", "un café"]
     with pytest.raises(FileNotFoundError):
         read_caption_file(tmp_path / "none.txt")
+
+
+def test_training_twice_gives_the_same_ids(tok, tmp_path):
+    # The BPE library numbers word-final characters in hash order; ours renumbers them,
+    # so two identical `dalle train` runs share every text embedding's meaning.
+    again = TextTokenizer.train(corpus(), CONFIG)
+    assert tok.save_pretrained(tmp_path / "a").joinpath("tokenizer.json").read_bytes() == \
+        again.save_pretrained(tmp_path / "b").joinpath("tokenizer.json").read_bytes()

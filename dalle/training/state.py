@@ -10,6 +10,7 @@ A checkpoint is a folder ``step_00001234/`` holding ``state.safetensors`` and
 the Python and NumPy random states and the SHA-256 of the tensor file).  It is
 written under a temporary name and renamed, so a crash mid-write leaves the last
 good checkpoint in place; a corrupted one is detected by its checksum and skipped.
+The temporary folder such a crash leaves behind is removed by the next run's first save.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import math
 import os
 import random
 import shutil
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,69 @@ def warmup_cosine(step: int, total: int, warmup: int, peak: float, final: float 
     if step < warmup:
         return peak * (step + 1) / warmup
     return cosine(step - warmup, max(total - warmup, 1), peak, final)
+
+
+# --- time budgets ----------------------------------------------------------------
+
+BUDGET_SAFETY = 0.92  # fraction of a ``minutes`` budget given to training steps (rest: eval, export)
+
+
+def time_per_step(
+    step: Callable[[], Any],
+    repeats: int = 5,
+    device: torch.device | str | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Median seconds one ``step()`` takes: ``repeats`` timed calls after an untimed warm-up.
+
+    The torch (CPU and ``device``'s GPU), Python and NumPy random states are put back
+    afterwards, so a run that times itself draws the same numbers as one that does not.
+    On a CUDA ``device`` each call is waited for (kernels run asynchronously).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    cuda = device is not None and torch.device(device).type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    # The GPU's generator too: under torchrun only rank 0 times, and a draw it consumed
+    # (dropout, Gumbel noise) would set its random stream apart from the other ranks'.
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
+        try:
+            step()  # warm-up: allocator, kernel selection, lazy initialisation
+            times = []
+            for _ in range(repeats):
+                sync()
+                t0 = clock()
+                step()
+                sync()
+                times.append(clock() - t0)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+    return sorted(times)[len(times) // 2]
+
+
+def steps_in_budget(minutes: float, seconds_per_step: float, safety: float = BUDGET_SAFETY) -> int:
+    """Training steps that fit in ``safety`` of ``minutes`` at ``seconds_per_step`` (at least 1)."""
+    if not minutes > 0:
+        raise ValueError(f"minutes must be > 0, got {minutes}")
+    if not seconds_per_step > 0:
+        raise ValueError(f"seconds_per_step must be > 0, got {seconds_per_step}")
+    return max(1, int(minutes * 60 * safety / seconds_per_step))
+
+
+def budget_deadline(minutes: float | None, start: float, elapsed_before: float = 0.0,
+                    safety: float = BUDGET_SAFETY) -> float:
+    """The clock time (``start``'s clock) past which a loop stops early; ``inf`` without a budget.
+
+    The budget covers the whole run, a resumed one included: ``elapsed_before`` is the
+    training time earlier runs spent (stored in the checkpoint).  The deadline lies
+    halfway between the share planned for steps and the whole budget, so a machine
+    that slows down mid-run still leaves time to checkpoint and export.
+    """
+    if minutes is None:
+        return math.inf
+    return start + minutes * 60 * (safety + 1) / 2 - elapsed_before
 
 
 # --- weight average --------------------------------------------------------------
@@ -178,19 +244,40 @@ def _unflatten_optimizer(name: str, tensors: dict[str, torch.Tensor], meta: dict
 
 
 class Checkpointer:
-    """Atomic, checksummed training checkpoints in ``folder``; the newest ``keep`` are kept."""
+    """Atomic, checksummed training checkpoints in ``folder``; the newest ``keep`` are kept.
+
+    Only one process writes a folder (rank 0 under ``torchrun``), so on its first save
+    any temporary folder already there was left by a run killed mid-write, and is removed.
+    """
 
     TENSORS = "state.safetensors"
     META = "state.json"
+    TMP_PREFIX = ".tmp_step_"
 
     def __init__(self, folder: str | Path, keep: int = 3):
         self.folder = Path(folder)
         self.keep = max(1, keep)
+        self._swept = False  # stale temporary folders removed (done by the first save)
 
     def _step_dirs(self) -> list[Path]:
         if not self.folder.is_dir():
             return []
         return sorted(p for p in self.folder.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+    def _remove_stale_temporaries(self) -> list[Path]:
+        """Delete the ``.tmp_step_*`` folders a killed writer left; return them.
+
+        Only called by the writing process before its first write of its own, so none of
+        them can be in progress.  Links and files of that name are left alone: this class
+        never makes them.
+        """
+        if not self.folder.is_dir():
+            return []
+        stale = sorted(p for p in self.folder.iterdir()
+                       if p.name.startswith(self.TMP_PREFIX) and p.is_dir() and not p.is_symlink())
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return stale
 
     def save(
         self,
@@ -209,8 +296,11 @@ class Checkpointer:
             tensors.update(t)
             optim_meta[name] = m
 
+        if not self._swept:
+            self._remove_stale_temporaries()
+            self._swept = True
         final = self.folder / f"step_{step:08d}"
-        tmp = self.folder / f".tmp_step_{step:08d}_{os.getpid()}"
+        tmp = self.folder / f"{self.TMP_PREFIX}{step:08d}_{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_tensors(tensors, tmp / self.TENSORS)

@@ -1,11 +1,24 @@
+import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from dalle.io import ModelLoadError
-from dalle.training.state import EMA, Checkpointer, NonFiniteError, NonFiniteGuard, cosine, warmup_cosine
+from dalle.training.state import (
+    BUDGET_SAFETY,
+    EMA,
+    Checkpointer,
+    NonFiniteError,
+    NonFiniteGuard,
+    budget_deadline,
+    cosine,
+    steps_in_budget,
+    time_per_step,
+    warmup_cosine,
+)
 
 
 def _model_and_optimizer(seed: int = 0):
@@ -98,3 +111,119 @@ def test_non_finite_guard_skips_then_stops():
     guard.check(float("nan"))
     with pytest.raises(NonFiniteError, match="learning rate"):
         guard.check(float("nan"))
+
+
+# --- stale temporary folders -------------------------------------------------------
+
+
+def test_first_save_removes_temporaries_left_by_a_killed_writer(tmp_path):
+    model, optimizer = _model_and_optimizer()
+    ckpt = Checkpointer(tmp_path, keep=5)
+    ckpt.save(1, {"model": model}, {"opt": optimizer})
+    # What a kill mid-write leaves: a half-written folder (same step and another one,
+    # another process id), next to things that are not this class's temporaries.
+    for name in (".tmp_step_00000002_999999", ".tmp_step_00000001_4242"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / Checkpointer.TENSORS).write_bytes(b"half a file")
+    (tmp_path / ".tmp_step_notes.txt").write_text("a file, not a folder")
+    (tmp_path / "my_notes").mkdir()
+    outside = tmp_path.parent / f"{tmp_path.name}_outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("x")
+    (tmp_path / ".tmp_step_link").symlink_to(outside, target_is_directory=True)
+
+    # Loading (every rank does it) leaves them; they are ignored.
+    fresh, fresh_opt = _model_and_optimizer(seed=3)
+    restarted = Checkpointer(tmp_path, keep=5)
+    assert restarted.load_latest({"model": fresh}, {"opt": fresh_opt})[0] == 1
+    assert (tmp_path / ".tmp_step_00000002_999999").is_dir()
+
+    restarted.save(2, {"model": fresh}, {"opt": fresh_opt})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".tmp_step_link", ".tmp_step_notes.txt", "my_notes", "step_00000001", "step_00000002"]
+    assert (outside / "keep.txt").read_text() == "x"  # a link is not followed
+    step, _ = Checkpointer(tmp_path).load_latest({"model": fresh})
+    assert step == 2
+
+
+def test_only_the_first_save_sweeps(tmp_path):
+    """A temporary folder that appears later belongs to a live writer: it is not touched."""
+    model, optimizer = _model_and_optimizer()
+    ckpt = Checkpointer(tmp_path, keep=5)
+    ckpt.save(1, {"model": model}, {"opt": optimizer})  # the folder is created here: nothing to sweep
+    live = tmp_path / ".tmp_step_00000007_1"
+    live.mkdir()
+    ckpt.save(2, {"model": model}, {"opt": optimizer})
+    assert live.is_dir()
+    assert not any(p.name.startswith(".tmp_step_") and p != live for p in tmp_path.iterdir())
+
+
+# --- time budgets ------------------------------------------------------------------
+
+
+class _FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_per_step_is_the_median_after_a_warm_up():
+    clock = _FakeClock()
+    durations = iter([50.0, 0.3, 0.1, 0.2, 9.0, 0.25])  # a slow first call, one outlier
+    calls = []
+
+    def step():
+        calls.append(1)
+        clock.now += next(durations)
+
+    assert time_per_step(step, repeats=5, clock=clock) == pytest.approx(0.25)
+    assert len(calls) == 6
+    with pytest.raises(ValueError, match="repeats"):
+        time_per_step(step, repeats=0)
+
+
+def test_time_per_step_leaves_every_random_state_as_it_was():
+    def draw():
+        return torch.rand(3), random.random(), np.random.rand()
+
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    expected = draw()
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    time_per_step(draw, repeats=3)  # a probe that consumes every generator
+    got = draw()
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
+
+
+def test_time_per_step_restores_random_states_when_the_step_fails():
+    def broken():
+        torch.rand(5)
+        raise RuntimeError("out of memory")
+
+    torch.manual_seed(3)
+    expected = torch.rand(2)
+    torch.manual_seed(3)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        time_per_step(broken)
+    assert torch.equal(torch.rand(2), expected)
+
+
+def test_steps_in_budget():
+    assert steps_in_budget(1.0, 0.5) == int(60 * BUDGET_SAFETY / 0.5)
+    assert steps_in_budget(2.0, 0.5, safety=1.0) == 240
+    assert steps_in_budget(0.01, 100.0) == 1  # at least one step, however slow
+    with pytest.raises(ValueError, match="minutes"):
+        steps_in_budget(0, 0.5)
+    with pytest.raises(ValueError, match="seconds_per_step"):
+        steps_in_budget(1.0, 0.0)
+    with pytest.raises(ValueError, match="seconds_per_step"):
+        steps_in_budget(1.0, float("nan"))
+
+
+def test_budget_deadline_covers_the_whole_run_resumes_included():
+    assert budget_deadline(None, start=5.0) == math.inf
+    fresh = budget_deadline(10.0, start=1000.0)
+    # Past the steps' share of the budget, before its end: time to checkpoint and export.
+    assert 1000.0 + 600 * BUDGET_SAFETY < fresh < 1000.0 + 600
+    assert budget_deadline(10.0, start=1000.0, elapsed_before=240.0) == pytest.approx(fresh - 240.0)
