@@ -62,7 +62,8 @@ from dalle.dvae import (DiscreteVAE, GumbelQuantizer, VectorQuantizer, code_stat
                         psnr_from_mse)
 from dalle.training import distributed as dd
 from dalle.training.distributed import DistInfo
-from dalle.training.state import EMA, Checkpointer, NonFiniteGuard, cosine, warmup_cosine
+from dalle.training.state import (EMA, Checkpointer, NonFiniteGuard, budget_deadline, cosine, steps_in_budget,
+                                  time_per_step, warmup_cosine)
 
 TEMPERATURE_START = 1.0
 TEMPERATURE_END = 1.0 / 16  # the paper's final temperature
@@ -72,7 +73,6 @@ LR_WARMUP_FRACTION = 0.02
 ADAM_BETAS = (0.9, 0.999)
 WEIGHT_DECAY = 1e-4
 CHECKPOINT_EVERY = 500
-BUDGET_SAFETY = 0.92  # fraction of a --minutes budget given to training steps (rest: eval, export)
 NOISE_STREAM = 29  # mixes into the seeds of each rank's Gumbel noise (data-parallel runs only)
 
 
@@ -187,28 +187,22 @@ def schedules(step: int, total: int, peak_lr: float, kl_weight: float) -> dict[s
 
 
 def estimate_steps(model: DiscreteVAE, images: Tensor, minutes: float, autocast: Any) -> tuple[int, float]:
-    """Steps that fit in ``minutes``, timed on a copy of the model (RNG state untouched).
+    """Steps that fit in ``minutes``, timed on a copy of the model (random states untouched).
 
     Call it before :func:`data_parallel_quantizer`: the probe must not talk to other ranks.
     """
     probe = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(probe.parameters(), lr=1e-9)
-    times = []
-    # The CUDA stream too: VQ restarts and Gumbel noise draw from it, and under torchrun only
-    # rank 0 runs the probe, so a consumed draw would set the ranks' streams apart.
-    with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
-        for _ in range(6):
-            t0 = time.perf_counter()
-            with autocast:
-                out = probe(images, temperature=1.0, kl_weight=0.0)
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if images.is_cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    per_step = sorted(times[1:])[len(times[1:]) // 2]  # median, first call excluded (warm-up)
-    return max(1, int(minutes * 60 * BUDGET_SAFETY / per_step)), per_step
+
+    def step() -> None:
+        with autocast:
+            out = probe(images, temperature=1.0, kl_weight=0.0)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    per_step = time_per_step(step, repeats=5, device=images.device)
+    return steps_in_budget(minutes, per_step), per_step
 
 
 CSV_FIELDS = ["step", "loss", "nll", "kl", "commitment", "mse", "psnr", "perplexity", "usage",
@@ -352,9 +346,7 @@ def train_dvae(
                 print(f"dvae: {per_step:.3f} s a step -> {fit} steps in {minutes:g} minutes")
             total = int(dd.broadcast_object(fit, info))
     # The budget covers the whole run, a resumed one included (at least one step is taken).
-    deadline = math.inf
-    if minutes is not None:
-        deadline = start_time + minutes * 60 * (BUDGET_SAFETY + 1) / 2 - elapsed_before
+    deadline = budget_deadline(minutes, start_time, elapsed_before)
     end = total if stop_after is None else min(total, stop_after)
 
     # Data parallel: train through DDP's wrapper (its forward arms the gradient averaging).

@@ -32,7 +32,7 @@ Exact resume: the batch (items, captions, BPE dropout) of step ``s`` is a functi
 random states, so an interrupted run that is resumed ends bitwise identical (on the
 CPU) to one that was never interrupted.  ``minutes`` is turned into a step count
 before the first step by timing a few steps on a throw-away copy of the model, as the
-dVAE loop does, and is also a hard deadline.
+dVAE loop does, and is also a hard deadline for the whole run, resumes included.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ from dalle.data.preprocess import derive_seed, make_generator
 from dalle.sampling import generate_images_tokens, native_bf16
 from dalle.training import distributed as dd
 from dalle.training.distributed import DistInfo
-from dalle.training.state import EMA, Checkpointer, NonFiniteGuard, warmup_cosine
+from dalle.training.state import (EMA, Checkpointer, NonFiniteGuard, budget_deadline, steps_in_budget, time_per_step,
+                                  warmup_cosine)
 from dalle.transformer import DalleTransformer
 
 ADAM_BETAS = (0.9, 0.96)
@@ -65,7 +66,6 @@ WEIGHT_DECAY = 4.5e-2
 GRAD_CLIP = 4.0
 FINAL_LR_FRACTION = 0.1  # cosine decays to this fraction of the peak learning rate
 CHECKPOINT_EVERY = 500
-BUDGET_SAFETY = 0.92  # fraction of a --minutes budget given to training steps (rest: eval, export)
 DATA_STREAM = 11  # mixes into the per-step seeds so this loop's draws differ from other loops'
 CSV_FIELDS = ["step", "loss", "text_loss", "image_loss", "grad_norm", "lr", "tokens_per_s", "seconds",
               "eval_bits_per_image_token"]  # fmt: skip
@@ -313,21 +313,17 @@ def plot_losses(csv_path: Path, png_path: Path, width: int = 640, height: int = 
 
 def estimate_steps(model: DalleTransformer, text: torch.Tensor, images: torch.Tensor, minutes: float,
                    grad_accum: int, autocast: Any) -> tuple[int, float]:
-    """Steps that fit in ``minutes``, timed on a copy of the model (the run's random state untouched)."""
+    """Steps that fit in ``minutes``, timed on a copy of the model (the run's random states untouched)."""
     probe = copy.deepcopy(model).train()
     opt = make_optimizer(probe, 1e-9)
-    times = []
-    with torch.random.fork_rng(devices=[]):
-        for _ in range(4):
-            t0 = time.perf_counter()
-            train_step(probe, text, images, grad_accum, autocast)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if text.is_cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    per_step = sorted(times[1:])[len(times[1:]) // 2]  # median, first call excluded (warm-up)
-    return max(1, int(minutes * 60 * BUDGET_SAFETY / per_step)), per_step
+
+    def step() -> None:
+        train_step(probe, text, images, grad_accum, autocast)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    per_step = time_per_step(step, repeats=3, device=text.device)
+    return steps_in_budget(minutes, per_step), per_step
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -436,7 +432,7 @@ def train_transformer(
     if total is None:
         total = total_hint if total_hint is not None else (steps if steps is not None else train_cfg.transformer_steps)
     warmup = warmup_steps(train_cfg.transformer_warmup, total)
-    deadline = start_time + minutes * 60 * (BUDGET_SAFETY + 1) / 2 if minutes is not None else math.inf
+    deadline = budget_deadline(minutes, start_time, elapsed_before)
     end = total if stop_after is None else min(total, stop_after)
 
     log_path = out_dir / "logs" / "transformer.csv"
