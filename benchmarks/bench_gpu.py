@@ -20,8 +20,11 @@ Sections (each one time-boxed, each failure printed and skipped, never fatal):
    sparse with FlexAttention block masks; eager, then with ``torch.compile`` per block;
 2. the attention op alone (forward + backward, 16 heads, batch 8, 1279 tokens): dense
    masked SDPA vs FlexAttention per layer kind, and the paper schedule's weighted mean;
+   for column layers "flex+reorder" adds the cost of the model's token permutations,
+   measured on the model's own layer (:func:`reorder_cost`);
 3. sampling 1024 image tokens with the key/value cache: the library sampler
-   (``generate_images_tokens``) and the CUDA-graph :class:`StaticDecoder`.
+   (``generate_images_tokens`` with its default decoder, which is the CUDA-graph
+   :class:`StaticDecoder` on a GPU) and this file's own loop around a StaticDecoder.
 
     python benchmarks/bench_gpu.py --json gpu.json            # on a GPU, ~3 minutes
     python benchmarks/bench_gpu.py --smoke --json /tmp/s.json  # tiny sizes, runs on the CPU
@@ -275,7 +278,7 @@ def bench_attention_op(bench: Bench, kinds: list[str]) -> dict[str, Any]:
     # kernels are then the ones the whole-model step reuses (autocast is part of their guards).
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
-    def timed(fn: Callable[[], torch.Tensor]) -> float:
+    def timed(fn: Callable[[], torch.Tensor], grad: torch.Tensor = grad) -> float:
         with amp:
             for _ in range(2):
                 torch.autograd.backward(fn(), grad)
@@ -309,13 +312,9 @@ def bench_attention_op(bench: Bench, kinds: list[str]) -> dict[str, Any]:
 
             fm = flex_mask(kind, config.text_len, config.image_grid, config.conv_kernel, length, device)
             row["flex_ms"] = round(timed(lambda: flex_attend(q, k, v, fm.block_mask)), 3)
-            if fm.order is not None:  # the reordering the layer adds (q, k, v in; output out)
-                def reordered() -> torch.Tensor:
-                    y = flex_attend(q.index_select(2, fm.order), k.index_select(2, fm.order),
-                                    v.index_select(2, fm.order), fm.block_mask)
-                    return y.index_select(2, fm.inverse)
-
-                row["flex_with_reorder_ms"] = round(timed(reordered), 3)
+            if fm.order is not None:  # the reordering the layer adds around the kernel
+                row.update(reorder_cost(config, kind, fm, timed, b, dtype, gen, device))
+                row["flex_with_reorder_ms"] = round(row["flex_ms"] + row["reorder_ms"], 3)
             best_dense = min(x for x in (row["dense_masked_ms"], row["dense_masked_efficient_ms"]) if x)
             row["speedup_vs_dense_masked"] = round(best_dense / row.get("flex_with_reorder_ms", row["flex_ms"]), 2)
         out[kind] = row
@@ -330,12 +329,41 @@ def bench_attention_op(bench: Bench, kinds: list[str]) -> dict[str, Any]:
     return out
 
 
+def reorder_cost(config: TransformerConfig, kind: str, fm: Any, timed: Callable[..., float], batch: int,
+                 dtype: torch.dtype, gen: torch.Generator, device: torch.device) -> dict[str, float]:
+    """What a reordered (column) layer pays for its permutations, measured on the model's own layer.
+
+    ``Attention._forward_flex`` permutes the layer input ``[B, L, d]`` before the qkv
+    projection and the output back while merging the heads (``permute_tokens``; the backward
+    pass gathers too).  The layer, projections included, is timed with the permutations and
+    with the same block mask applied in raster order instead (the same tiles computed, a wrong
+    pattern: timing only); the difference is the permutations' cost.
+    """
+    from dalle.transformer import Attention
+
+    layer = Attention(config, kind).to(device)
+    x = torch.randn(batch, fm.order.numel(), config.d_model, device=device, dtype=dtype, generator=gen,
+                    requires_grad=True)
+    grad = torch.randn(x.shape, device=device, dtype=dtype, generator=gen)
+    with_reorder = timed(lambda: layer._forward_flex(x, fm), grad)
+    without = timed(lambda: layer._forward_flex(x, fm._replace(order=None, inverse=None)), grad)
+    return {"flex_layer_ms": round(with_reorder, 3), "flex_layer_no_reorder_ms": round(without, 3),
+            "reorder_ms": round(with_reorder - without, 3)}
+
+
 # --- 3. sampling --------------------------------------------------------------------------------
 
 
 def bench_sampling(bench: Bench, attention: str, batch: int, graphed: bool) -> dict[str, Any]:
-    """Seconds an image to sample all image tokens with the key/value cache."""
-    from dalle.sampling import generate_images_tokens, keep_rows_mask, prepare_for_sampling, sample_logits
+    """Seconds an image to sample all image tokens with the key/value cache.
+
+    ``graphed``: this file's own loop around a :class:`StaticDecoder`; else the library's
+    ``generate_images_tokens`` with its default decoder, made once and reused as the
+    pipeline does (on CUDA a StaticDecoder with a CUDA graph, elsewhere the cached loop).
+    """
+    from dalle.sampling import (
+        generate_images_tokens, keep_rows_mask, prepare_for_sampling, sample_logits, static_decoder_for,
+    )
 
     args, device = bench.args, bench.device
     config = layout(args, attention, "auto")
@@ -365,14 +393,18 @@ def bench_sampling(bench: Bench, attention: str, batch: int, graphed: bool) -> d
 
         run(min(n, 2 * config.image_grid))  # warm-up: two rows
     else:
-        setup_s = 0.0
+        t0 = time.perf_counter()
+        library = static_decoder_for(model, batch) or "cached"
+        sync(device)
+        setup_s = time.perf_counter() - t0
         warm_keep = keep_rows_mask(config.image_grid, config.image_grid - 2)  # warm-up: the last two rows
         known = torch.zeros(batch, config.image_grid, config.image_grid, dtype=torch.long, device=device)
 
         def run(limit: int = n) -> torch.Tensor:
             if limit < n:
-                return generate_images_tokens(model, text, generator=gen, known_tokens=known, keep_mask=warm_keep)
-            return generate_images_tokens(model, text, generator=gen)
+                return generate_images_tokens(model, text, generator=gen, known_tokens=known, keep_mask=warm_keep,
+                                              decoder=library)
+            return generate_images_tokens(model, text, generator=gen, decoder=library)
 
         run(0)
     sync(device)
@@ -384,8 +416,13 @@ def bench_sampling(bench: Bench, attention: str, batch: int, graphed: bool) -> d
         times.append(time.perf_counter() - t0)
     best = min(times)
     per_image = best / batch
-    out = {"attention": attention, "batch": batch, "sampler": "StaticDecoder+CUDA graph" if graphed and
-           device.type == "cuda" else ("StaticDecoder (eager)" if graphed else "generate_images_tokens"),
+    if graphed:
+        sampler = "StaticDecoder+CUDA graph" if decoder.graph is not None else "StaticDecoder (eager)"
+    else:
+        sampler = "generate_images_tokens: " + (
+            "cached loop" if library == "cached" else
+            "StaticDecoder+CUDA graph" if library.graph is not None else "StaticDecoder (eager)")
+    out = {"attention": attention, "batch": batch, "sampler": sampler,
            "s_per_batch": round(best, 3), "s_per_image": round(per_image, 5),
            "ms_per_token_step": round(best / n * 1e3, 3), "setup_s": round(setup_s, 2),
            "speedup_vs_peer_cached": round(PEER["sample_cached_s_per_image"] / per_image, 1),

@@ -23,9 +23,11 @@ from dalle.clip import CLIP
 from dalle.data.preprocess import eval_transform
 from dalle.dvae import DiscreteVAE
 from dalle.io import ModelLoadError
-from dalle.sampling import generate_images_tokens, keep_rows_mask, prepare_for_sampling, region_mask
+from dalle.sampling import (
+    generate_images_tokens, keep_rows_mask, prepare_for_sampling, region_mask, static_decoder_for, use_static_decoder,
+)
 from dalle.tokenizer import TextTokenizer
-from dalle.transformer import DalleTransformer
+from dalle.transformer import DalleTransformer, StaticDecoder
 
 COMPONENTS = ("tokenizer", "dvae", "transformer", "clip")
 
@@ -79,11 +81,22 @@ def load_user_image(path: str | Path) -> Image.Image:
 
 
 class DallePipeline:
-    """Prompt -> ranked images.  Build with :meth:`from_pretrained`."""
+    """Prompt -> ranked images.  Build with :meth:`from_pretrained`.
+
+    ``decoder`` is :func:`dalle.sampling.generate_images_tokens`'s: ``"auto"`` samples with a
+    CUDA-graph :class:`StaticDecoder` on a GPU and the cached loop on the CPU.
+    """
+
+    # Static decoders kept at once (one per batch size); each holds a key/value cache:
+    # 2 GB in bf16 at batch 32 for benchmarks/bench_gpu.py's model (12 layers, d_model 1024, 1280 tokens).
+    MAX_DECODERS = 2
 
     def __init__(self, tokenizer: TextTokenizer, dvae: DiscreteVAE, transformer: DalleTransformer,
-                 clip: CLIP | None = None, device: str | torch.device | None = None):
+                 clip: CLIP | None = None, device: str | torch.device | None = None, decoder: str = "auto"):
         self.device = torch.device(device or default_device())
+        use_static_decoder(decoder, self.device)  # a bad name fails here, not at the first prompt
+        self.decoder = decoder
+        self._decoders: dict[tuple[int, str], StaticDecoder | None] = {}  # made on first use, reused
         self.tokenizer = tokenizer
         self.dvae = dvae.to(self.device).eval()
         self.transformer = transformer.to(self.device).eval()
@@ -129,6 +142,19 @@ class DallePipeline:
             self._sampler = prepare_for_sampling(self.transformer)
         return self._sampler
 
+    def decoder_for(self, batch: int) -> StaticDecoder | str:
+        """What :meth:`_sample` passes as ``decoder`` for batches of up to ``batch`` candidates.
+
+        A :class:`StaticDecoder` is made once per batch size and reused, so its CUDA graph is
+        captured once per pipeline, not per prompt; a smaller last batch runs padded in it.
+        """
+        key = (batch, self.decoder)
+        if key not in self._decoders:
+            while len(self._decoders) >= self.MAX_DECODERS:
+                self._decoders.pop(next(iter(self._decoders)))  # the oldest
+            self._decoders[key] = static_decoder_for(self.sampler, batch, self.decoder)
+        return self._decoders[key] or "cached"
+
     @property
     def image_size(self) -> int:
         return self.dvae.config.image_size
@@ -157,6 +183,9 @@ class DallePipeline:
         text = self.encode_prompt(prompt)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         batch_size = batch_size or candidates
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of candidates, got {batch_size}")
+        decoder = self.decoder_for(min(batch_size, candidates))
         images, scores = [], []
         batches = range(0, candidates, batch_size)
         if progress:
@@ -169,7 +198,7 @@ class DallePipeline:
                 self.sampler, text.expand(n, -1), temperature=temperature, top_k=top_k, top_p=top_p,
                 generator=generator,
                 known_tokens=None if known is None else known.expand(n, -1, -1),
-                keep_mask=keep_mask,
+                keep_mask=keep_mask, decoder=decoder,
             )
             pixels = self.dvae.decode(tokens).float()
             images.append(pixels)

@@ -17,17 +17,29 @@ position), not the whole prefix.  On the CPU, :func:`prepare_for_sampling` makes
 inference copy with pre-packed weights that decodes ~1.6x faster; the per-step
 work is otherwise a few small matrix products, so at small batch sizes a decoding
 step is bound by memory traffic of the weights, not by arithmetic.
+
+On a GPU that loop is bound by something else: a step is hundreds of small kernels
+launched one by one from Python.  At 32x32 image tokens (benchmarks/bench_gpu.py: 12
+layers, d_model 1024, batch 32) it did not finish one batch within 30 s on an H200.
+There the sampler uses :class:`dalle.transformer.StaticDecoder` instead
+(``decoder="auto"``): every step has the same shapes and is replayed as one CUDA graph
+(0.078 s an image on that H200).  It draws the same random numbers in the same order,
+so both decoders sample the same tokens from a generator, up to float rounding of the
+logits.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
 
 from dalle.attention_masks import allowed_keys
-from dalle.transformer import DalleTransformer, MaskArgs
+from dalle.transformer import DalleTransformer, KVCache, MaskArgs, StaticDecoder
+
+DECODERS = ("auto", "static", "cached")
 
 
 class PackedLinear(nn.Module):
@@ -200,6 +212,39 @@ def _cache_dtype(model: DalleTransformer, device: torch.device) -> torch.dtype:
     return model.blocks[0].attn.qkv(probe).dtype
 
 
+def use_static_decoder(decoder: str | StaticDecoder, device: torch.device | str) -> bool:
+    """Whether ``decoder`` (see :func:`generate_images_tokens`) decodes with a :class:`StaticDecoder` on ``device``."""
+    if isinstance(decoder, StaticDecoder):
+        return True
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS} or a StaticDecoder, got {decoder!r}")
+    return decoder == "static" or (decoder == "auto" and torch.device(device).type == "cuda")
+
+
+def static_decoder_for(model: DalleTransformer, batch: int, decoder: str = "auto") -> StaticDecoder | None:
+    """The :class:`StaticDecoder` that ``decoder`` asks for on ``model``'s device, or None for the cached loop.
+
+    Build it once and pass it to :func:`generate_images_tokens` for every batch of up to
+    ``batch`` rows, so that its CUDA graph is captured once.  With ``"auto"`` a decoder that
+    cannot be built (a CUDA graph capture that fails) warns and gives None: the cached
+    loop is slower on a GPU but does the same.
+    """
+    if not use_static_decoder(decoder, next(model.parameters()).device):
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        return StaticDecoder(model, batch)
+    except Exception as e:  # noqa: BLE001 - "auto" only asked for speed
+        if decoder != "auto":
+            raise
+        warnings.warn(f"StaticDecoder unavailable ({type(e).__name__}: {str(e)[:300]}); "
+                      "sampling with the cached loop", stacklevel=2)
+        return None
+    finally:
+        model.train(was_training)
+
+
 def generate_images_tokens(
     model: DalleTransformer,
     text_ids: torch.Tensor,
@@ -210,6 +255,7 @@ def generate_images_tokens(
     generator: torch.Generator | None = None,
     known_tokens: torch.Tensor | None = None,
     keep_mask: torch.Tensor | None = None,
+    decoder: str | StaticDecoder = "auto",
 ) -> torch.Tensor:
     """Sample the image tokens for each row of ``text_ids [B, text_len]``; returns ``[B, grid, grid]``.
 
@@ -219,11 +265,69 @@ def generate_images_tokens(
     conditioned on everything before them.  Pass a ``torch.Generator`` for
     reproducible samples, and for speed on the CPU a :func:`prepare_for_sampling` copy
     of the model (made once, reused for every call).
+
+    ``decoder`` chooses how each token is computed (same tokens, different speed):
+    ``"cached"``, the key/value-cache loop that reads only each layer's allowed keys (the
+    fast CPU path); ``"static"``, a :class:`StaticDecoder` (fixed shapes, one CUDA graph a
+    step on a GPU, eager elsewhere); ``"auto"`` (default), static on CUDA, cached elsewhere.
+    A ``StaticDecoder`` made for ``model`` (see :func:`static_decoder_for`) may be passed
+    to reuse its captured graph across calls; its batch may exceed ``B`` (the rows
+    beyond ``B`` are padding whose tokens are never sampled).
     """
     _check_args(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask)
-    tokens = _generate(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask)
+    if isinstance(decoder, StaticDecoder):
+        if decoder.model is not model:
+            raise ValueError("this StaticDecoder was made for another model; make one with "
+                             "static_decoder_for(model, batch) or pass decoder='static'")
+        if decoder.batch < text_ids.shape[0]:
+            raise ValueError(f"the StaticDecoder holds {decoder.batch} rows but text_ids has {text_ids.shape[0]}; "
+                             "make one with a larger batch or split the rows")
+        static = decoder
+    else:
+        static = static_decoder_for(model, text_ids.shape[0], decoder)
+    was_training = model.training
+    model.eval()
+    try:
+        if static is None:
+            tokens = _generate(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask)
+        else:
+            tokens = _generate_static(static, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask)
+    finally:
+        model.train(was_training)
     # Cloned outside inference mode so callers may use the result in autograd (e.g. a loss).
     return tokens.clone()
+
+
+def _kept(keep_mask: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``[n]`` bool on the CPU, True = keep: the raster-order keep mask."""
+    return torch.zeros(n, dtype=torch.bool) if keep_mask is None else keep_mask.detach().flatten().cpu()
+
+
+def _prefill(
+    model: DalleTransformer, text_ids: torch.Tensor, tokens: torch.Tensor, first: int, cache: KVCache,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Run the text and the image tokens before ``first`` into ``cache``; returns image token ``first``'s logits."""
+    t = model.config.text_len
+    b = text_ids.shape[0]
+    unique, inverse = torch.unique(text_ids, dim=0, return_inverse=True)
+    if unique.shape[0] < b:
+        # Repeated prompts: run each distinct text once, copy its keys/values to its candidates,
+        # then the image prefix (which may differ between candidates) in one more pass.
+        k0 = cache[0][0]
+        text_cache = model.new_cache(unique.shape[0], k0.device, k0.dtype, length=t)
+        h = model.hidden_states(model.embed_text(unique), 0, text_cache)[:, -1][inverse]
+        for (k, v), (tk, tv) in zip(cache, text_cache):
+            k[:, :, :t].copy_(tk[inverse])
+            v[:, :, :t].copy_(tv[inverse])
+        if first > 0:
+            h = model.hidden_states(model.embed_image(tokens[:, :first], 0, positions), t, cache)[:, -1]
+    else:
+        x = model.embed_text(text_ids)
+        if first > 0:
+            x = torch.cat([x, model.embed_image(tokens[:, :first], 0, positions)], dim=1)
+        h = model.hidden_states(x, 0, cache)[:, -1]
+    return model.image_head(h)
 
 
 @torch.inference_mode()
@@ -234,7 +338,7 @@ def _generate(model, text_ids, temperature, top_k, top_p, generator, known_token
     b = text_ids.shape[0]
     device = text_ids.device
 
-    keep = torch.zeros(n, dtype=torch.bool) if keep_mask is None else keep_mask.detach().flatten().cpu()
+    keep = _kept(keep_mask, n)
     tokens = torch.zeros(b, n, dtype=torch.long, device=device)
     if known_tokens is not None:
         tokens.copy_(known_tokens.flatten(1))
@@ -247,51 +351,66 @@ def _generate(model, text_ids, temperature, top_k, top_p, generator, known_token
         next_sampled[a] = c
     first = sampled[0]
 
-    was_training = model.training
-    model.eval()
-    try:
-        dtype = _cache_dtype(model, device)
-        cache = model.new_cache(b, device, dtype)
-        positions = model.image_positions()
+    cache = model.new_cache(b, device, _cache_dtype(model, device))
+    positions = model.image_positions()
+    # 1. Prefill the text and the kept image prefix before the first sampled token.
+    logits = _prefill(model, text_ids, tokens, first, cache, positions)
 
-        # 1. Prefill the text and the kept image prefix before the first sampled token.
-        unique, inverse = torch.unique(text_ids, dim=0, return_inverse=True)
-        if unique.shape[0] < b:
-            # Repeated prompts: run each distinct text once, copy its keys/values to its candidates,
-            # then the image prefix (which may differ between candidates) in one more pass.
-            text_cache = model.new_cache(unique.shape[0], device, dtype, length=t)
-            h = model.hidden_states(model.embed_text(unique), 0, text_cache)[:, -1][inverse]
-            for (k, v), (tk, tv) in zip(cache, text_cache):
-                k[:, :, :t].copy_(tk[inverse])
-                v[:, :, :t].copy_(tv[inverse])
-            if first > 0:
-                h = model.hidden_states(model.embed_image(tokens[:, :first], 0, positions), t, cache)[:, -1]
+    # 2. Sample in raster order; feed each sampled token together with the kept run after it.
+    # A sparse layer reads only its allowed keys: at 32x32 a row layer's 288 instead of up to 1279.
+    keys = {kind: allowed_keys(kind, t, g, cfg.conv_kernel, device) for kind in set(model.kinds) if kind != "full"}
+    j = first
+    while True:
+        tokens[:, j] = sample_logits(logits, temperature, top_k, top_p, generator)
+        nxt = next_sampled[j]
+        if nxt >= n:
+            break  # everything after j is kept (or j was the last token)
+        p = t + j  # stream position of image token j
+        if nxt == j + 1:
+            masks = {kind: MaskArgs(keys=index[p]) for kind, index in keys.items()}
+            masks["full"] = MaskArgs()
         else:
-            x = model.embed_text(text_ids)
-            if first > 0:
-                x = torch.cat([x, model.embed_image(tokens[:, :first], 0, positions)], dim=1)
-            h = model.hidden_states(x, 0, cache)[:, -1]
+            masks = model.mask_args(p, nxt - j, device)
+        x = model.embed_image(tokens[:, j:nxt], j, positions)
+        h = model.hidden_states(x, p, cache, masks)[:, -1]
         logits = model.image_head(h)
-
-        # 2. Sample in raster order; feed each sampled token together with the kept run after it.
-        # A sparse layer reads only its allowed keys: at 32x32 a row layer's 288 instead of up to 1279.
-        keys = {kind: allowed_keys(kind, t, g, cfg.conv_kernel, device) for kind in set(model.kinds) if kind != "full"}
-        j = first
-        while True:
-            tokens[:, j] = sample_logits(logits, temperature, top_k, top_p, generator)
-            nxt = next_sampled[j]
-            if nxt >= n:
-                break  # everything after j is kept (or j was the last token)
-            p = t + j  # stream position of image token j
-            if nxt == j + 1:
-                masks = {kind: MaskArgs(keys=index[p]) for kind, index in keys.items()}
-                masks["full"] = MaskArgs()
-            else:
-                masks = model.mask_args(p, nxt - j, device)
-            x = model.embed_image(tokens[:, j:nxt], j, positions)
-            h = model.hidden_states(x, p, cache, masks)[:, -1]
-            logits = model.image_head(h)
-            j = nxt
-    finally:
-        model.train(was_training)
+        j = nxt
     return tokens.view(b, g, g)
+
+
+@torch.inference_mode()
+def _generate_static(
+    decoder: StaticDecoder, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask
+) -> torch.Tensor:
+    """:func:`_generate` through a :class:`StaticDecoder`: one fixed-shape step per image token.
+
+    Same prefill, same sampled positions in the same order, same random draws (only the
+    ``B`` real rows are sampled, so padding rows draw nothing); kept tokens after the
+    first sampled one are fed one step each rather than in runs.
+    """
+    model = decoder.model
+    g = model.config.image_grid
+    n = g * g
+    b, rows = text_ids.shape[0], decoder.batch
+    keep = _kept(keep_mask, n)
+    tokens = torch.zeros(rows, n, dtype=torch.long, device=decoder.device)
+    if known_tokens is not None:
+        tokens[:b].copy_(known_tokens.flatten(1))
+    if bool(keep.all()):
+        return tokens[:b].view(b, g, g).clone()
+    if rows > b:  # padding: copies of the first row (a repeated prompt adds no text prefill)
+        text_ids = torch.cat([text_ids, text_ids[:1].expand(rows - b, -1)])
+        tokens[b:] = tokens[:1]
+    sample_here = (~keep).tolist()
+    sampled = (~keep).nonzero().flatten().tolist()
+    first, last = sampled[0], sampled[-1]
+    # Written into the decoder's own cache, which its graph reads.  Beyond the prefix it holds
+    # the previous call's (finite) keys and values, which its masks give weight zero.
+    logits = _prefill(model, text_ids, tokens, first, decoder.cache, model.image_positions())
+    for j in range(first, last + 1):
+        if sample_here[j]:
+            tokens[:b, j] = sample_logits(logits[:b], temperature, top_k, top_p, generator)
+        if j == last:
+            break  # everything after the last sampled token is kept
+        logits = decoder.step(tokens[:, j], j)
+    return tokens[:b].view(b, g, g)

@@ -229,14 +229,48 @@ class Attention(nn.Module):
         """Whole-sequence attention through FlexAttention, in the mask's stream order."""
         b, length, d = x.shape
         if flex.order is not None:  # e.g. column layers: attend in column-major order
-            x = x.index_select(1, flex.order)
-        q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        # FlexAttention wants one dtype and contiguous inputs (autocast leaves q, k, v in bf16).
-        y = flex_attend(q.contiguous(), k.contiguous(), v.contiguous(), flex.block_mask)
-        y = y.transpose(1, 2).reshape(b, length, d)
+            # Permute the layer input (d wide) rather than q, k and v (3d wide, three gathers).
+            x = permute_tokens(x, flex.order, flex.inverse)
+        # FlexAttention wants one dtype and contiguous inputs (autocast leaves q, k, v in bf16):
+        # one copy of the [3, B, H, L, D] layout, then q, k, v are contiguous slices of it.
+        q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
+        y = flex_attend(q, k, v, flex.block_mask).transpose(1, 2)  # [B, L, H, D], a view
         if flex.inverse is not None:
-            y = y.index_select(1, flex.inverse)
-        return self.proj(y)
+            # Back to raster order; the gather also merges the heads (its output is contiguous),
+            # so this costs one copy, not the transpose's and the permutation's.
+            y = permute_tokens(y, flex.inverse, flex.order)
+        return self.proj(y.reshape(b, length, d))
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """``x.index_select(1, order)`` whose backward is a gather by ``inverse``, not an ``index_add``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        # y[:, i] = x[:, order[i]], so dx[:, p] = dy[:, inverse[p]]: every position gets exactly one
+        # gradient, read by a gather.  (index_select's own backward scatters with atomic adds.)
+        return grad.index_select(1, inverse), None, None
+
+
+def permute_tokens(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Reorder the token axis (dim 1) of ``x [B, L, ...]``: ``out[:, i] = x[:, order[i]]``.
+
+    ``order`` must be a permutation of ``0 .. L-1`` and ``inverse`` its inverse
+    (``order[inverse] == arange(L)``); neither is checked here (this runs in every column
+    layer).  Values and gradients equal ``x.index_select(1, order)``'s exactly, but the
+    backward pass is a gather by ``inverse`` instead of an atomic scatter-add: on a GPU
+    that scatter cost as much as the column layer's attention itself.  ``x`` may be a
+    strided view; the output is contiguous.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PermuteTokens.apply(x, order, inverse)
+    return x.index_select(1, order)
 
 
 class MLP(nn.Module):
@@ -543,6 +577,8 @@ class StaticDecoder:
         tokens[:, -1] = sample(logits)
 
     The returned logits live in a buffer the next ``step`` overwrites: copy them to keep them.
+    :func:`dalle.sampling.generate_images_tokens` drives it (``decoder="auto"`` on CUDA), with
+    completion and padded batches; :func:`dalle.sampling.static_decoder_for` makes one to reuse.
     """
 
     @torch.inference_mode()

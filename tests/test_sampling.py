@@ -204,3 +204,112 @@ def test_prepared_copies_sample_like_the_model_and_leave_it_untouched(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(RuntimeError, match="prepare_for_sampling"):
         fast.save_pretrained(tmp_path / "x")
+
+
+# --- the static decoder (CUDA graphs on a GPU; eager here) against the cached loop ---------------
+
+
+def record_logits(monkeypatch) -> list[torch.Tensor]:
+    """Make the sampler keep a copy of the logits of every token it samples (in sampling order)."""
+    import dalle.sampling as sampling
+
+    seen: list[torch.Tensor] = []
+    real = sampling.sample_logits
+
+    def spy(logits, *args, **kwargs):
+        seen.append(logits.clone())
+        return real(logits, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample_logits", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["full", "column", None])
+def test_static_decoder_samples_the_cached_loops_tokens(kind, monkeypatch):
+    # Same generator -> same tokens: both decoders draw the same random numbers in the same
+    # order, and their logits differ only by float rounding (checked step by step).
+    model = make_model(kind)
+    text = random_text(4)
+    text[2] = text[0]  # a repeated prompt (its text is prefilled once)
+    seen = record_logits(monkeypatch)
+    for seed, kwargs in enumerate([{}, dict(temperature=1.5, top_k=6), dict(temperature=0.8, top_p=0.7)]):
+        tokens = {}
+        for decoder in ("cached", "static"):
+            seen.clear()
+            tokens[decoder] = generate_images_tokens(model, text, generator=torch.Generator().manual_seed(seed),
+                                                     decoder=decoder, **kwargs)
+            tokens[decoder + "_logits"] = torch.stack(seen)
+        assert torch.equal(tokens["static"], tokens["cached"])
+        assert tokens["static_logits"].shape == (GRID * GRID, 4, IMAGE_VOCAB)
+        assert torch.allclose(tokens["static_logits"], tokens["cached_logits"], atol=1e-4, rtol=1e-5)
+
+
+def test_static_decoder_completes_images_like_the_cached_loop(monkeypatch):
+    # region_mask(1, 2): a kept prefix (prefilled), then kept runs between sampled tokens (fed one a step).
+    model = make_model()
+    text = random_text(3)
+    known = torch.randint(0, IMAGE_VOCAB, (3, GRID, GRID), generator=torch.Generator().manual_seed(4))
+    seen = record_logits(monkeypatch)
+    for keep in (region_mask(GRID, 1, 2), keep_rows_mask(GRID, 3), torch.ones(GRID, GRID, dtype=torch.bool)):
+        out, logits = {}, {}
+        for decoder in ("cached", "static"):
+            seen.clear()
+            out[decoder] = generate_images_tokens(model, text, known_tokens=known, keep_mask=keep, decoder=decoder,
+                                                  generator=torch.Generator().manual_seed(0), temperature=1.2)
+            logits[decoder] = torch.stack(seen) if seen else None
+        assert torch.equal(out["static"][:, keep], known[:, keep])
+        assert torch.equal(out["static"], out["cached"])
+        if logits["cached"] is None:
+            assert logits["static"] is None  # everything kept: nothing sampled
+        else:
+            assert len(logits["static"]) == int((~keep).sum())
+            assert torch.allclose(logits["static"], logits["cached"], atol=1e-4, rtol=1e-5)
+
+
+def test_a_reused_static_decoder_pads_smaller_batches():
+    # One decoder (one CUDA graph on a GPU) serves every call: a batch smaller than its own
+    # runs padded, and the previous call's cache contents do not leak into the next.
+    from dalle.sampling import static_decoder_for
+
+    model = make_model()
+    decoder = static_decoder_for(model, 5, "static")
+    assert decoder is not None and decoder.batch == 5 and decoder.graph is None
+    known = torch.randint(0, IMAGE_VOCAB, (3, GRID, GRID), generator=torch.Generator().manual_seed(6))
+    keep = keep_rows_mask(GRID, 1)
+    for text, kwargs in [(random_text(5, seed=2), {}), (random_text(3, seed=3), {}),
+                         (random_text(3, seed=4), dict(known_tokens=known, keep_mask=keep))]:
+        reused = generate_images_tokens(model, text, generator=torch.Generator().manual_seed(1), decoder=decoder,
+                                        **kwargs)
+        cached = generate_images_tokens(model, text, generator=torch.Generator().manual_seed(1), decoder="cached",
+                                        **kwargs)
+        assert reused.shape == (text.shape[0], GRID, GRID)
+        assert torch.equal(reused, cached)
+
+
+def test_decoder_choice_and_its_errors(monkeypatch):
+    import dalle.sampling as sampling
+    from dalle.sampling import static_decoder_for, use_static_decoder
+
+    assert not use_static_decoder("auto", "cpu") and use_static_decoder("auto", torch.device("cuda"))
+    assert use_static_decoder("static", "cpu") and not use_static_decoder("cached", torch.device("cuda"))
+    model = make_model()
+    text = random_text(3)
+    assert static_decoder_for(model, 3) is None  # auto on the CPU: the cached loop
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        generate_images_tokens(model, text, decoder="graph")
+    with pytest.raises(ValueError, match="another model"):
+        generate_images_tokens(model, text, decoder=static_decoder_for(make_model(), 3, "static"))
+    with pytest.raises(ValueError, match="holds 2 rows but text_ids has 3"):
+        generate_images_tokens(model, text, decoder=static_decoder_for(model, 2, "static"))
+    # A static decoder that cannot be built: "auto" warns and falls back, "static" fails.
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(sampling, "StaticDecoder", broken)
+    monkeypatch.setattr(sampling, "use_static_decoder", lambda decoder, device: decoder != "cached")
+    model.train()
+    with pytest.warns(UserWarning, match="capture failed"):
+        assert static_decoder_for(model, 3, "auto") is None
+    with pytest.raises(RuntimeError, match="capture failed"):
+        static_decoder_for(model, 3, "static")
+    assert model.training  # the model's mode is restored either way

@@ -255,3 +255,34 @@ def test_static_decoder_steps_give_the_training_logits(attention):
         decoder.step(flat[:, 0], GRID * GRID - 1)
     with pytest.raises(ValueError, match="eval mode"):
         StaticDecoder(model.train(), batch=3)
+
+
+def test_permute_tokens_equals_index_select_in_values_and_gradients():
+    """The column layers' reordering: same numbers as index_select, backward by a gather (no atomics)."""
+    from dalle.attention_masks import column_major_order
+    from dalle.transformer import permute_tokens
+
+    g = torch.Generator().manual_seed(0)
+    # The column-major order of a square grid is its own inverse; a random permutation is not,
+    # so it also tells order from inverse.
+    order = torch.randperm(TEXT_LEN + GRID * GRID - 1, generator=g)
+    inverse = torch.argsort(order)
+    assert not torch.equal(order, inverse)
+    columns = column_major_order(TEXT_LEN, GRID, len(order))
+    base = torch.randn(2, 3, len(order), 5, generator=g, requires_grad=True)
+    heads_merged = base.transpose(1, 2)  # [B, L, H, D], a strided view: how the layer's output comes
+    layer_input = base.detach().transpose(1, 2).reshape(2, len(order), 15).requires_grad_()
+    for x, leaf, perm, inv in [(heads_merged, base, order, inverse), (heads_merged, base, inverse, order),
+                               (layer_input, layer_input, order, inverse),
+                               (layer_input, layer_input, columns, torch.argsort(columns))]:
+        ours, theirs = permute_tokens(x, perm, inv), x.index_select(1, perm)
+        assert torch.equal(ours, theirs) and ours.is_contiguous()
+        upstream = torch.randn(ours.shape, generator=g)
+        (grad_ours,) = torch.autograd.grad(ours, leaf, upstream)
+        (grad_theirs,) = torch.autograd.grad(theirs, leaf, upstream)
+        assert torch.equal(grad_ours, grad_theirs)
+    with torch.no_grad():
+        assert torch.equal(permute_tokens(heads_merged, order, inverse), heads_merged.index_select(1, order))
+    # Twice differentiable, like index_select.
+    x = torch.randn(2, len(order), 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x: permute_tokens(x, order, inverse) ** 2, (x,))
