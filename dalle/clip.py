@@ -258,15 +258,9 @@ class CLIP(nn.Module):
         pushed apart, so the loss never teaches the model that a correct
         caption is wrong.  The diagonal always counts as the target.
         """
-        logits = self.logits(text_ids, images)
-        n = logits.shape[0]
-        if positives is not None:
-            if positives.shape != (n, n) or positives.dtype != torch.bool:
-                raise ValueError(f"positives must be a bool tensor of shape [{n}, {n}], got {_describe(positives)}")
-            eye = torch.eye(n, dtype=torch.bool, device=logits.device)
-            logits = logits.masked_fill(positives.to(logits.device) & ~eye, float("-inf"))
-        target = torch.arange(n, device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        if text_ids.shape[:1] != images.shape[:1]:
+            raise ValueError(f"got {text_ids.shape[0]} captions but {images.shape[0]} images; pass one caption per image")
+        return contrastive_loss(self.encode_text(text_ids), self.encode_image(images), self.scale(), positives)
 
     @torch.no_grad()
     def score(self, text_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -296,6 +290,30 @@ class CLIP(nn.Module):
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> "CLIP":
         model, _ = load_module(folder, cls, CLIPConfig, device=device)
         return model
+
+
+def contrastive_loss(
+    text: torch.Tensor, image: torch.Tensor, scale: torch.Tensor, positives: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Symmetric InfoNCE loss of unit embeddings ``text[i]`` and ``image[i]`` (``[B, embed_dim]`` each).
+
+    What :meth:`CLIP.forward` computes after encoding; a data-parallel loop calls it on
+    the embeddings gathered from every process, so every negative of the global batch
+    counts.  ``scale``: the inverse temperature (:meth:`CLIP.scale`); ``positives``: see
+    :meth:`CLIP.forward`.
+    """
+    if text.dim() != 2 or text.shape != image.shape:
+        raise ValueError(f"text and image embeddings must both be [B, embed_dim], got {tuple(text.shape)} "
+                         f"and {tuple(image.shape)}")
+    logits = scale * text @ image.t()  # [captions, images]
+    n = logits.shape[0]
+    if positives is not None:
+        if positives.shape != (n, n) or positives.dtype != torch.bool:
+            raise ValueError(f"positives must be a bool tensor of shape [{n}, {n}], got {_describe(positives)}")
+        eye = torch.eye(n, dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(positives.to(logits.device) & ~eye, float("-inf"))
+    target = torch.arange(n, device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
 def _describe(x: object) -> str:

@@ -186,9 +186,7 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
         elif stage == "clip":
             from dalle.training.clip import train_clip
 
-            if info.is_main:
-                train_clip(dataset, _need_tokenizer(out), out, config, minutes=budget, **common)
-            barrier(info)
+            train_clip(dataset, _need_tokenizer(out), out, config, minutes=budget, **common)
         else:  # pragma: no cover - argparse restricts the choices
             raise ConfigError(f"unknown component {stage}")
     log(f"done in {(time.time() - started) / 60:.1f} min")

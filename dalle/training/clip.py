@@ -10,6 +10,17 @@ positives so the contrast never pushes a correct caption away.
 Files written under ``out_dir``: ``logs/clip.csv`` (one row per logged step),
 ``checkpoints/clip/step_*`` (for ``resume=True``) and the final model folder
 ``clip/`` (``config.json`` + ``model.safetensors``).
+
+Several processes: under ``torchrun --nproc_per_node=N`` the same loop trains
+data-parallel (:mod:`dalle.training.distributed`, DDP).  ``clip_batch`` is the
+*global* batch.  Every rank draws the whole batch of step ``s`` (items, captions,
+twins, the positives matrix: cheap metadata) and tokenises all of it, so the ids
+are those of one process; it encodes only its contiguous slice of the images and
+captions.  The slices' embeddings are gathered from every rank, with gradients
+(:func:`gather_rows`), so the contrastive loss on every rank is over the whole
+global batch -- every negative counts, as in one process -- and the loss curve
+follows a one-process run with the same batch.  Rank 0 writes the log,
+checkpoints (full tensors, loadable at any world size) and the export.
 """
 
 from __future__ import annotations
@@ -23,12 +34,16 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
-from dalle.clip import CLIP
+from dalle.clip import CLIP, contrastive_loss
 from dalle.config import DalleConfig
 from dalle.data.preprocess import derive_seed, eval_transform
+from dalle.training import distributed as dd
+from dalle.training.distributed import DistInfo
 from dalle.training.state import Checkpointer, NonFiniteGuard, step_generator, warmup_cosine
 
 LOG_FIELDS = ["step", "loss", "lr", "logit_scale", "batch_acc", "seconds"]
@@ -113,6 +128,112 @@ def _prepare_log(path: Path, resume_step: int | None) -> None:
         writer.writerows({k: r.get(k, "") for k in LOG_FIELDS} for r in rows)
 
 
+# --- data parallelism: every negative of the global batch on every rank -------------------
+
+
+def slice_bounds(total: int, info: DistInfo) -> tuple[int, int]:
+    """``(start, stop)`` of this rank's contiguous rows of a global batch of ``total`` rows.
+
+    Equal shares when ``total`` divides by the world size (as :func:`dalle.training.
+    distributed.shard_bounds`); otherwise the shares differ by at most one row -- a
+    batch with hard-negative twins is short of a twin now and then.
+    """
+    return total * info.rank // info.world_size, total * (info.rank + 1) // info.world_size
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows, concatenated in rank order, with a gradient.
+
+    Forward: an all-gather (padded to the largest share, so shares may differ by a row).
+    Backward: the gradient of the concatenation is *summed* over ranks (all-reduce) and
+    each rank keeps its own rows.  That is the gradient of the sum of the ranks' losses
+    with respect to this rank's rows.  Every rank computes the same loss ``L`` from the same
+    gathered rows, so the sum is ``W * L`` and each rank's parameters get ``W`` times the
+    gradient that flows through its own slice; DDP's average (divide by ``W``) of those
+    is the gradient of ``L`` itself.  A parameter used identically on every rank outside
+    the gathered rows (the temperature) gets the full ``dL/dp`` on each rank, which the
+    average leaves unchanged.  So no loss scaling is needed.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, counts: tuple[int, ...], rank: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.counts, ctx.rank = counts, rank
+        width = max(counts)
+        padded = local.new_zeros((width, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        grad = grad.contiguous().clone()  # all_reduce works in place
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start:start + ctx.counts[ctx.rank]], None, None
+
+
+def gather_rows(local: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:
+    """The ``[total, ...]`` global batch from each rank's contiguous rows (:func:`slice_bounds`).
+
+    Differentiable (see :class:`_GatherRows` for how the gradient is scaled); every rank
+    must call it, in the same order.  On one process: ``local`` itself.
+    """
+    start, stop = slice_bounds(total, info)
+    if local.shape[0] != stop - start:
+        raise ValueError(f"rank {info.rank} holds {local.shape[0]} rows but its share of a global batch of {total} "
+                         f"over {info.world_size} processes is {stop - start}")
+    if not info.distributed:
+        return local
+    world = info.world_size
+    counts = tuple(total * (r + 1) // world - total * r // world for r in range(world))
+    return _GatherRows.apply(local, counts, info.rank)
+
+
+class EmbedForward(nn.Module):
+    """CLIP's encoders and temperature as one ``forward``, for DDP to wrap.
+
+    DDP's gradient hooks are armed by the wrapped module's ``forward``; the loss needs
+    the embeddings of every rank, so it is computed outside, on the gathered rows
+    (:func:`global_batch_loss`).  Parameter names inside are ``model.*``; checkpoints are
+    taken from the CLIP itself, so they keep the plain names.
+    """
+
+    def __init__(self, model: CLIP):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text_ids: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.encode_text(text_ids), self.model.encode_image(images), self.model.scale()
+
+
+def global_batch_loss(
+    forward: nn.Module, text_ids: torch.Tensor, images: torch.Tensor, positives: torch.Tensor, info: DistInfo
+) -> torch.Tensor:
+    """The contrastive loss of the whole global batch, the same value on every rank.
+
+    ``forward``: an :class:`EmbedForward` (DDP-wrapped under torchrun); ``text_ids`` and
+    ``images``: this rank's rows (:func:`slice_bounds`); ``positives``: the global
+    ``[N, N]`` matrix.  Backpropagating it on every rank and letting DDP average gives
+    the gradient of one process on the whole batch.
+    """
+    total = positives.shape[0]
+    text, image, scale = forward(text_ids, images)
+    return contrastive_loss(gather_rows(text, total, info), gather_rows(image, total, info), scale, positives)
+
+
+@torch.no_grad()
+def _batch_accuracy(model: CLIP, text_ids: torch.Tensor, images: torch.Tensor, positives: torch.Tensor,
+                    info: DistInfo) -> torch.Tensor:
+    """Fraction of the global batch's captions whose top image fits them (a collective under torchrun)."""
+    total = positives.shape[0]
+    text = gather_rows(model.encode_text(text_ids), total, info)
+    image = gather_rows(model.encode_image(images), total, info)
+    logits = model.scale() * text @ image.t()
+    # A caption counts as right when its top image fits it (its own or an equal one).
+    return positives.gather(1, logits.argmax(dim=1, keepdim=True)).float().mean()
+
+
 def train_clip(
     dataset: Sequence[CaptionedItem],
     tokenizer: TextEncoderLike,
@@ -145,6 +266,10 @@ def train_clip(
     the one attribute that differs and the text encoder must read it, e.g. tell
     "a red circle to the left of a blue square" from "a blue square to the left
     of a red circle".  The batch doubles (``clip_batch`` originals + their twins).
+
+    Under ``torchrun`` every rank must call this; the run is data-parallel over the job
+    (see the module docstring), ``clip_batch`` is the global batch and must divide by
+    the number of processes, and ``device`` "cuda" becomes each rank's own GPU.
     """
     if len(dataset) < 2:
         raise ValueError(f"CLIP training needs at least 2 captioned images (contrast needs negatives), got {len(dataset)}")
@@ -156,15 +281,22 @@ def train_clip(
     seed = train.seed if seed is None else seed
     out_dir = Path(out_dir)
     deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
+    info = dd.init_distributed(device)
+    device, main = info.device, info.is_main
+    if train.clip_batch % info.world_size:
+        raise ValueError(f"clip_batch={train.clip_batch} does not split evenly over {info.world_size} processes: "
+                         f"use a batch size divisible by {info.world_size} (it is the global batch)")
 
     torch.manual_seed(seed)
     model = CLIP(config.clip).to(device).train()
+    forward = dd.wrap_model(EmbedForward(model), info)  # itself on one process
     optimizer = _optimizer(model, train.clip_lr)
     checkpointer = Checkpointer(out_dir / "checkpoints" / "clip")
     guard = NonFiniteGuard()
 
     start, total = 0, steps or train.clip_steps
     fit_to_budget = minutes is not None and steps is None
+    # Every rank reads the same checkpoint (full tensors, written at any world size).
     loaded = checkpointer.load_latest({"clip": model}, {"clip": optimizer}) if resume else None
     if loaded is not None:
         start, extra = loaded
@@ -172,73 +304,98 @@ def train_clip(
             total = int(extra.get("total_steps", total))
             fit_to_budget = False  # the schedule was fixed by the run that wrote the checkpoint
     log_path = out_dir / "logs" / "clip.csv"
-    _prepare_log(log_path, start if loaded is not None else None)
+    if main:
+        _prepare_log(log_path, start if loaded is not None else None)
 
-    def save_checkpoint(step: int) -> None:
-        checkpointer.save(step, {"clip": model}, {"clip": optimizer}, {"total_steps": total, "seed": seed})
+    def save_checkpoint(step: int, wait: bool = True) -> None:
+        if main:
+            checkpointer.save(step, {"clip": model}, {"clip": optimizer},
+                              {"total_steps": total, "seed": seed, "world_size": info.world_size})
+        if wait:
+            dd.barrier(info)
 
     size = config.clip.image_size
     step = start
     t_probe = time.monotonic()
-    bar = tqdm(total=total, initial=start, desc="clip", unit="step", mininterval=1.0)
+    bar = tqdm(total=total, initial=start, desc="clip", unit="step", mininterval=1.0, disable=not main)
+    log_file = open(log_path, "a", newline="") if main else None
     try:
-        with open(log_path, "a", newline="") as log_file:
-            log = csv.DictWriter(log_file, LOG_FIELDS)
-            while step < total:
-                if deadline is not None and time.monotonic() >= deadline:
+        log = csv.DictWriter(log_file, LOG_FIELDS) if log_file is not None else None
+        while step < total:
+            if deadline is not None:
+                out_of_time = time.monotonic() >= deadline
+                if info.distributed:
+                    out_of_time = dd.any_rank(out_of_time, info)  # every rank stops at the same step
+                if out_of_time:
                     break
-                t0 = time.monotonic()
-                lr = warmup_cosine(step, total, _warmup_steps(total), train.clip_lr, train.clip_lr * FINAL_LR_FRACTION)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+            t0 = time.monotonic()
+            lr = warmup_cosine(step, total, _warmup_steps(total), train.clip_lr, train.clip_lr * FINAL_LR_FRACTION)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-                items, captions = draw_batch(dataset, train.clip_batch, seed, step)
-                if hard_negatives is not False and all(getattr(item, "scene", None) is not None for item in items):
-                    twins, twin_captions = hard_negative_twins(items, captions, np.random.default_rng(derive_seed(seed, step, 2)))
-                    items, captions = items + twins, captions + twin_captions
-                elif hard_negatives:
-                    raise ValueError("hard_negatives=True needs shapes-set items (with a .scene)")
-                images = torch.stack([image_to_tensor(item.image, size) for item in items]).to(device)
-                # BPE dropout seeded from (seed, step) too, so a resumed run sees the same ids.
-                text_ids = tokenizer.encode_batch(captions, training=True, seed=derive_seed(seed, step, 1)).to(device)
-                positives = caption_positives(captions, items).to(device)
+            # The whole global batch's metadata on every rank; pixels of this rank's slice only.
+            items, captions = draw_batch(dataset, train.clip_batch, seed, step)
+            if hard_negatives is not False and all(getattr(item, "scene", None) is not None for item in items):
+                twins, twin_captions = hard_negative_twins(items, captions, np.random.default_rng(derive_seed(seed, step, 2)))
+                items, captions = items + twins, captions + twin_captions
+            elif hard_negatives:
+                raise ValueError("hard_negatives=True needs shapes-set items (with a .scene)")
+            lo, hi = slice_bounds(len(items), info)
+            images = torch.stack([image_to_tensor(item.image, size) for item in items[lo:hi]]).to(device)
+            # BPE dropout seeded from (seed, step) too, so a resumed run sees the same ids.  The
+            # dropout draws run through the batch in order, so every rank encodes all captions
+            # (cheap) and keeps its rows: the ids are those of one process.
+            text_ids = tokenizer.encode_batch(captions, training=True, seed=derive_seed(seed, step, 1))[lo:hi].to(device)
+            positives = caption_positives(captions, items).to(device)
 
-                loss = model(text_ids, images, positives)
-                optimizer.zero_grad(set_to_none=True)
-                if guard.check(loss.detach()):
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-                    if guard.check(grad_norm):
-                        optimizer.step()
-                step += 1
-                bar.update(1)
+            loss = global_batch_loss(forward, text_ids, images, positives, info)
+            optimizer.zero_grad(set_to_none=True)
+            # The loss, and after DDP's average the gradients, are equal on every rank: so is each decision.
+            if guard.check(loss.detach()):
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                if guard.check(grad_norm):
+                    optimizer.step()
+            step += 1
+            bar.update(1)
 
-                if step % log_every == 0 or step == total:
-                    with torch.no_grad():
-                        logits = model.logits(text_ids, images)
-                        # A caption counts as right when its top image fits it (its own or an equal one).
-                        acc = positives.gather(1, logits.argmax(dim=1, keepdim=True)).float().mean()
+            if step % log_every == 0 or step == total:
+                acc = _batch_accuracy(model, text_ids, images, positives, info)
+                if log is not None and log_file is not None:
                     scale = float(model.logit_scale.detach().exp())
                     log.writerow({"step": step, "loss": f"{loss.item():.5f}", "lr": f"{lr:.3e}",
                                   "logit_scale": f"{scale:.3f}", "batch_acc": f"{acc.item():.4f}",
                                   "seconds": f"{time.monotonic() - t0:.4f}"})
                     log_file.flush()
-                    bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
-                if step % checkpoint_every == 0 and step < total:
-                    save_checkpoint(step)
-                if fit_to_budget and step - start >= SPEED_PROBE_STEPS and step % SPEED_PROBE_STEPS == 0:
-                    # Fit the schedule to the time left at the mean speed so far (re-fitted as
-                    # the speed drifts on a shared machine); earlier steps used the old length.
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
+            if step % checkpoint_every == 0 and step < total:
+                save_checkpoint(step)
+            if fit_to_budget and step - start >= SPEED_PROBE_STEPS and step % SPEED_PROBE_STEPS == 0:
+                # Fit the schedule to the time left at the mean speed so far (re-fitted as
+                # the speed drifts on a shared machine); earlier steps used the old length.
+                # Rank 0's clock decides for all, so every rank keeps the same schedule.
+                fitted = None
+                if main:
                     per_step = (time.monotonic() - t_probe) / (step - start)
-                    total = max(step + 1, step + int((deadline - time.monotonic()) / per_step))
-                    bar.total = total
+                    fitted = max(step + 1, step + int((deadline - time.monotonic()) / per_step))
+                total = int(dd.broadcast_object(fitted, info))
+                bar.total = total
     except KeyboardInterrupt:
-        save_checkpoint(step)
+        save_checkpoint(step, wait=False)  # the other ranks are being interrupted too
         raise
     finally:
         bar.close()
+        if log_file is not None:
+            log_file.close()
     save_checkpoint(step)
-    return model.eval().save_pretrained(out_dir / "clip")
+    model.eval()
+    folder = out_dir / "clip"
+    if main:
+        model.save_pretrained(folder)
+    dd.barrier(info)
+    # Replicas must agree bit for bit; a drift is a bug worth reporting loudly.
+    dd.check_replicas_identical(model, info, "CLIP")
+    return folder
 
 
 @torch.no_grad()
@@ -379,9 +536,20 @@ def perturb_scene(scene: Any, caption: str, what: str, rng: np.random.Generator,
 
 @dataclasses.dataclass
 class _Twin:
-    image: Image.Image
+    """A hard-negative twin; its image is rendered when first asked for (under torchrun
+    every rank draws all twins of the batch but renders only those of its slice)."""
+
     captions: list[str]
     scene: Any
+    _image: Image.Image | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def image(self) -> Image.Image:
+        if self._image is None:
+            from dalle.data.shapes import render
+
+            self._image = render(self.scene)
+        return self._image
 
 
 def hard_negative_twins(items: Sequence[Any], captions: Sequence[str],
@@ -392,7 +560,7 @@ def hard_negative_twins(items: Sequence[Any], captions: Sequence[str],
     The attribute is drawn among those that apply to the caption with
     :data:`TWIN_WEIGHTS`, which favour what the model learns last.
     """
-    from dalle.data.shapes import all_captions, render
+    from dalle.data.shapes import all_captions
 
     twins, twin_captions = [], []
     for item, caption in zip(items, captions):
@@ -407,7 +575,7 @@ def hard_negative_twins(items: Sequence[Any], captions: Sequence[str],
         # Its caption must be false of the original ("a red circle in the top left"
         # still fits the original of a size twin), else the pair teaches nothing.
         contrasting = [c for c in own if c not in true_captions(item)] or own
-        twins.append(_Twin(render(scene), own, scene))
+        twins.append(_Twin(own, scene))
         twin_captions.append(contrasting[int(rng.integers(len(contrasting)))])
     return twins, twin_captions
 
