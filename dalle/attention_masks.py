@@ -33,6 +33,7 @@ when ``(i - 2) % 4 == 0``, ``conv`` in the last layer and ``row`` elsewhere.
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from typing import Any, Callable, NamedTuple
 
@@ -175,9 +176,9 @@ def allowed_keys(
 #
 # A dense boolean mask only *hides* scores: the kernel still computes every (query, key)
 # pair.  FlexAttention (``torch.nn.attention.flex_attention``) takes the mask as a function
-# of (query, key) and a *block mask* -- which 128 x 128 tiles hold any allowed pair -- and
-# computes only those tiles.  At the paper's 256 + 32x32 layout a row layer touches about a
-# third of the tiles a dense kernel computes.
+# of (query, key) and a *block mask* -- which tiles (128 x 128 by default, see FLEX_TUNING)
+# hold any allowed pair -- and computes only those tiles.  At the paper's 256 + 32x32 layout a
+# row layer touches about a third of the tiles a dense kernel computes (a quarter with 64 x 64).
 #
 # A column layer is sparse in a way raster order hides: a query's allowed keys are one in
 # every ``grid``, so every tile below the diagonal holds some.  The paper transposes the image
@@ -188,16 +189,34 @@ def allowed_keys(
 
 
 def mask_mod(
-    kind: str, text_len: int, grid: int, conv_kernel: int = 11, order: torch.Tensor | None = None
+    kind: str, text_len: int, grid: int, conv_kernel: int = 11, order: torch.Tensor | None = None,
+    column_major: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """The mask of :func:`build_mask` as FlexAttention's ``mask_mod(b, h, q, k) -> bool``.
 
     ``order`` (optional, a LongTensor on the attention's device) maps positions of a
     reordered stream to positions of the raster stream: the returned function is then the
     mask between reordered positions, ``mask[order[q], order[k]]``.
+
+    ``column_major=True`` (``kind="column"`` only) is the same mask between the positions of
+    :func:`column_major_order` computed without a lookup table, valid for a stream that holds
+    at least all but the last image token (training and scoring: every column but the last
+    is complete, so reordered image index ``m`` is row ``m % grid`` of column ``m // grid``).
+    There a column is a contiguous run whose raster order is the stream order, so the
+    pattern is "causal, and the key is text or in the query's run".  The kernel evaluates
+    this on every partial tile; arithmetic is cheaper than two gathers per tile.
     """
     _check(kind, text_len, grid, conv_kernel)
+    if column_major and (kind != "column" or order is not None):
+        raise ValueError("column_major=True is for kind='column' without an order table")
     half = conv_kernel // 2
+
+    if column_major:
+        def allowed_column_major(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            same_column = (q - text_len) // grid == (k - text_len) // grid
+            return (k <= q) & ((k < text_len) | same_column)
+
+        return allowed_column_major
 
     def allowed(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         if order is not None:
@@ -232,15 +251,18 @@ def column_major_order(text_len: int, grid: int, length: int) -> torch.Tensor:
 
 
 class FlexMask(NamedTuple):
-    """A FlexAttention block mask for one layer kind and stream length, and the stream order it assumes.
+    """A FlexAttention block mask for one layer kind and stream length, and how to run it.
 
     ``order`` / ``inverse``: None for raster order; else queries, keys and values are taken
     in ``order`` and the output is put back with ``inverse`` (``order[inverse] == arange``).
+    ``kernel_options``: FlexAttention's ``kernel_options`` tuned for this mask's block size
+    (:data:`FLEX_TUNING`), or None for PyTorch's defaults.
     """
 
     block_mask: Any
     order: torch.Tensor | None
     inverse: torch.Tensor | None
+    kernel_options: dict[str, Any] | None = None
 
 
 def flex_available() -> bool:
@@ -252,48 +274,212 @@ def flex_available() -> bool:
     return True
 
 
+# --- FlexAttention kernel tuning -------------------------------------------------------------
+#
+# FlexAttention's Triton kernels take tile sizes and launch options (``kernel_options``) and
+# the block mask its own tile size.  They change speed, never which pairs attend: the kernel
+# tiles subdivide the mask's tiles.  The defaults are PyTorch's per-GPU heuristics with
+# 128 x 128 mask tiles; ``python benchmarks/bench_gpu.py --sweep-flex`` times the
+# alternatives at the paper layout and prints a table to paste here.
+#
+# FLEX_TUNING[device][kind] = {"block_size": int or [q, kv], "kernel_options": {...}}, where
+# ``device`` is :func:`flex_device_key` ("sm90": H100/H200).  A kind or device missing from
+# the table runs PyTorch's defaults.  Options PyTorch does not know are dropped with a
+# warning (they change between releases), so a stale table never stops a model.  Mask tiles
+# under 128 need every kernel tile explicit (check_kernel_options), and
+# ``dalle.transformer.flex_attend`` compiles them with max_autotune (pytorch/pytorch#176025).
+FLEX_TUNING: dict[str, dict[str, dict[str, Any]]] = {}
+
+FLEX_DEFAULT_BLOCK_SIZE = 128  # PyTorch's own default, and what its default kernel tiles fit
+# Options that would change the results or assume what these masks do not guarantee:
+# PRESCALE_QK rounds differently; ROWS_GUARANTEED_SAFE assumes every *visited tile* holds an
+# allowed key for every query row (the text-to-image boundary and the band edges break that:
+# NaNs); BLOCKS_ARE_CONTIGUOUS assumes each query tile's key tiles are one run (text + band
+# are two).  OUTPUT_* are PyTorch's internal flags.
+FLEX_UNSAFE_OPTIONS = ("PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "OUTPUT_LOGSUMEXP",
+                       "OUTPUT_MAX")
+# Known keys where the running PyTorch has no FlexKernelOptions to list its own (torch 2.13's list).
+_FALLBACK_OPTION_KEYS = frozenset({
+    "num_warps", "num_stages", "BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2",
+    "PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS", "WRITE_DQ", "FORCE_USE_FLEX_ATTENTION",
+    "USE_TMA", "kpack", "matrix_instr_nonkdim", "waves_per_eu", "BACKEND",
+})
+_FWD_TILES, _BWD_TILES = ("BLOCK_M", "BLOCK_N"), ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
+_WARNED: set[str] = set()
+
+
+def flex_device_key(device: torch.device | str) -> str:
+    """The :data:`FLEX_TUNING` key of ``device``: ``"sm90"`` for an H100/H200, else the device type."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm{major}{minor}"
+    return device.type
+
+
+def flex_option_keys() -> frozenset[str]:
+    """The ``kernel_options`` keys (without ``fwd_`` / ``bwd_`` prefix) the running PyTorch documents."""
+    try:
+        from torch.nn.attention.flex_attention import FlexKernelOptions
+    except ImportError:
+        return _FALLBACK_OPTION_KEYS
+    return frozenset(FlexKernelOptions.__optional_keys__) | frozenset(FlexKernelOptions.__required_keys__)
+
+
+def normalize_block_size(block_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``block_size`` as ``(query tile, key tile)``; an int means a square tile."""
+    q, kv = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    for size in (q, kv):
+        if not isinstance(size, int) or size < 16 or size & (size - 1):
+            raise ValueError(f"a FlexAttention block size must be a power of two >= 16, got {block_size!r}")
+    return q, kv
+
+
+def check_kernel_options(options: dict[str, Any], block_size: int | tuple[int, int] = FLEX_DEFAULT_BLOCK_SIZE,
+                         known: frozenset[str] | None = None) -> None:
+    """Raise ``ValueError`` unless ``options`` are FlexAttention kernel options safe for our masks.
+
+    Checked: every key (less its ``fwd_`` / ``bwd_`` prefix) is one this PyTorch knows
+    (``known``, default :func:`flex_option_keys`); none changes the results
+    (:data:`FLEX_UNSAFE_OPTIONS`); kernel tiles are powers of two that divide the mask's
+    ``(query, key)`` block size (``BLOCK_M``, ``BLOCK_M1``, ``BLOCK_M2`` along queries, the
+    ``N`` ones along keys); the backward's ``BLOCK_N1 % BLOCK_M1 == 0`` and
+    ``BLOCK_M2 % BLOCK_N2 == 0`` (static asserts in PyTorch's flex_backwards template).  Mask
+    blocks under 128 need every kernel tile explicit: PyTorch's default tiles go up to 128.
+    """
+    q_block, kv_block = normalize_block_size(block_size)
+    known = flex_option_keys() if known is None else known
+    problems = []
+    for key in options:
+        base = key[4:] if key.startswith(("fwd_", "bwd_")) else key
+        if base not in known:
+            problems.append(f"{key!r} is not a FlexAttention kernel option of torch {torch.__version__}")
+        elif base in FLEX_UNSAFE_OPTIONS:
+            problems.append(f"{key!r} would change the results or assume what these masks do not guarantee")
+
+    def tile(name: str, prefix: str) -> Any:
+        return options.get(prefix + name, options.get(name))
+
+    missing = []
+    for prefix, names in (("fwd_", _FWD_TILES), ("bwd_", _BWD_TILES)):
+        for name in names:
+            size = tile(name, prefix)
+            if size is None:
+                missing.append(prefix + name)
+                continue
+            along, limit = ("query", q_block) if name.startswith("BLOCK_M") else ("key", kv_block)
+            if not isinstance(size, int) or size < 16 or size & (size - 1) or limit % size:
+                problems.append(f"{prefix}{name}={size!r} must be a power of two >= 16 dividing the mask's "
+                                f"{along} block {limit}")
+    if missing and min(q_block, kv_block) < FLEX_DEFAULT_BLOCK_SIZE:
+        problems.append(f"mask block {q_block}x{kv_block} needs explicit {', '.join(missing)} "
+                        f"(PyTorch's default tiles go up to {FLEX_DEFAULT_BLOCK_SIZE})")
+    m1, n1, m2, n2 = (tile(name, "bwd_") for name in _BWD_TILES)
+    if isinstance(m1, int) and isinstance(n1, int) and m1 > 0 and n1 % m1:
+        problems.append(f"bwd BLOCK_N1={n1} must be a multiple of BLOCK_M1={m1}")
+    if isinstance(m2, int) and isinstance(n2, int) and n2 > 0 and m2 % n2:
+        problems.append(f"bwd BLOCK_M2={m2} must be a multiple of BLOCK_N2={n2}")
+    for key in ("num_warps", "num_stages"):
+        for name in (key, "fwd_" + key, "bwd_" + key):
+            value = options.get(name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                problems.append(f"{name}={value!r} must be a positive int")
+    if problems:
+        raise ValueError("FlexAttention kernel options: " + "; ".join(problems))
+
+
+def flex_tuning(kind: str, device: torch.device | str) -> tuple[tuple[int, int], dict[str, Any] | None]:
+    """``(block size, kernel_options or None)`` of ``kind`` on ``device`` from :data:`FLEX_TUNING`.
+
+    Keys the running PyTorch does not know are dropped with one warning; the rest is used
+    as written (the table is checked by the tests, :func:`check_kernel_options`).
+    """
+    entry = FLEX_TUNING.get(flex_device_key(device), {}).get(kind)
+    if not entry:
+        return (FLEX_DEFAULT_BLOCK_SIZE, FLEX_DEFAULT_BLOCK_SIZE), None
+    block = normalize_block_size(entry.get("block_size", FLEX_DEFAULT_BLOCK_SIZE))
+    options = dict(entry.get("kernel_options") or {})
+    known = flex_option_keys()
+    unknown = [k for k in options if (k[4:] if k.startswith(("fwd_", "bwd_")) else k) not in known]
+    if unknown:
+        message = (f"FLEX_TUNING[{flex_device_key(device)!r}][{kind!r}]: torch {torch.__version__} has no "
+                   f"FlexAttention kernel option {unknown}; ignoring it")
+        if message not in _WARNED:
+            _WARNED.add(message)
+            warnings.warn(message, stacklevel=3)
+        options = {k: v for k, v in options.items() if k not in unknown}
+    return block, options or None
+
+
 def flex_mask(
     kind: str, text_len: int, grid: int, conv_kernel: int, length: int, device: torch.device | str,
-    block_size: int = 128,
+    block_size: int | tuple[int, int] | None = None,
 ) -> FlexMask:
     """The :class:`FlexMask` of ``kind`` for queries and keys ``0 .. length-1``, cached per device.
 
     Column layers are given the column-major order (see the section comment); the others
-    keep raster order.
+    keep raster order.  ``block_size=None`` takes the block size and kernel options tuned for
+    ``kind`` on ``device`` (:func:`flex_tuning`; PyTorch's defaults where none are); an
+    explicit block size comes with PyTorch's default kernel options (``kernel_options=None``).
     """
-    from torch.nn.attention.flex_attention import create_block_mask
-
     _check(kind, text_len, grid, conv_kernel)
     if kind != "conv":
         conv_kernel = 0
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must share one entry
         device = torch.device("cuda", torch.cuda.current_device())
-    key = ("flex", kind, text_len, grid, conv_kernel, length, str(device), block_size)
+    options = None
+    if block_size is None:
+        block, options = flex_tuning(kind, device)
+    else:
+        block = normalize_block_size(block_size)
+    key = ("flex", kind, text_len, grid, conv_kernel, length, str(device), block,
+           tuple(sorted((options or {}).items())))
+    if key not in _DEVICE_CACHE:
+        base = _block_mask(kind, text_len, grid, conv_kernel, length, device, block)
+        _DEVICE_CACHE[key] = base._replace(kernel_options=options)
+    return _DEVICE_CACHE[key]
+
+
+def _block_mask(
+    kind: str, text_len: int, grid: int, conv_kernel: int, length: int, device: torch.device, block: tuple[int, int]
+) -> FlexMask:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = ("block_mask", kind, text_len, grid, conv_kernel, length, str(device), block)
     if key not in _DEVICE_CACHE:
         order = inverse = None
         if kind == "column":
             order = column_major_order(text_len, grid, length).to(device)
             inverse = torch.argsort(order)
-        mod = mask_mod(kind, text_len, grid, max(conv_kernel, 1), order)
-        block_mask = create_block_mask(mod, None, None, length, length, device=str(device), BLOCK_SIZE=block_size)
+        if kind == "column" and length >= text_len + grid * grid - 1:
+            mod = mask_mod(kind, text_len, grid, column_major=True)  # the same mask, no lookups
+        else:
+            mod = mask_mod(kind, text_len, grid, max(conv_kernel, 1), order)
+        q_block, kv_block = block
+        block_mask = create_block_mask(mod, None, None, length, length, device=str(device),
+                                       BLOCK_SIZE=block if q_block != kv_block else q_block)
         _DEVICE_CACHE[key] = FlexMask(block_mask, order, inverse)
     return _DEVICE_CACHE[key]
 
 
-def tile_fraction(kind: str, text_len: int, grid: int, conv_kernel: int = 11, block_size: int = 128) -> float:
-    """Share of the ``block_size`` tiles of the whole (S-1) x (S-1) score matrix a FlexMask computes.
+def tile_fraction(
+    kind: str, text_len: int, grid: int, conv_kernel: int = 11, block_size: int | tuple[int, int] = 128
+) -> float:
+    """Share of the score matrix (S-1) x (S-1), padded to whole tiles, that a FlexMask computes.
 
-    A dense masked kernel computes 1.0, a causal one about half; the ratio is the work
-    FlexAttention saves (CPU-only arithmetic, for reports and tests).
+    ``block_size``: the mask's tile, an int or ``(query, key)``.  A dense masked kernel
+    computes 1.0, a causal one about half; the ratio is the work FlexAttention saves
+    (CPU-only arithmetic, for reports and tests).
     """
+    q_block, kv_block = normalize_block_size(block_size)
     length = text_len + grid * grid - 1
     mask = build_mask(kind, text_len, grid, conv_kernel)[:length, :length]
     if kind == "column":
         order = column_major_order(text_len, grid, length)
         mask = mask[order][:, order]
-    tiles = -(-length // block_size)
-    padded = torch.zeros(tiles * block_size, tiles * block_size, dtype=torch.bool)
+    q_tiles, kv_tiles = -(-length // q_block), -(-length // kv_block)
+    padded = torch.zeros(q_tiles * q_block, kv_tiles * kv_block, dtype=torch.bool)
     padded[:length, :length] = mask
-    touched = padded.view(tiles, block_size, tiles, block_size).any(dim=3).any(dim=1)
-    return float(touched.sum()) / tiles**2
+    touched = padded.view(q_tiles, q_block, kv_tiles, kv_block).any(dim=3).any(dim=1)
+    return float(touched.sum()) / (q_tiles * kv_tiles)

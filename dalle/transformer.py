@@ -84,38 +84,55 @@ def flex_works_on(device: torch.device) -> bool:
         return False
 
 
-_compiled_flex: Any = None
+# The compiled FlexAttention, by whether it autotunes (see flex_attend).
+_compiled_flex: dict[bool, Any] = {}
 
 
-def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
+def flex_attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, kernel_options: dict[str, Any] | None = None
+) -> torch.Tensor:
     """FlexAttention over ``[B, H, L, D]`` tensors with a block mask.
 
     On CUDA the kernel must be compiled to be fused (and to skip the empty tiles): the
     function is compiled once per process, or inlined when the caller is already being
     compiled.  On the CPU, PyTorch runs an unfused reference (forward only, no gradient),
     which only serves to check the path against the dense one.
+
+    ``kernel_options``: FlexAttention's tile sizes and launch options (see
+    :data:`dalle.attention_masks.FLEX_TUNING`; None = PyTorch's defaults).  They change the
+    speed, not the result; the CPU reference ignores them.  Each distinct dict is one more
+    compiled kernel.
+
+    A block mask with tiles under 128 is compiled with ``max_autotune``: PyTorch (2.11 to
+    2.13 at least, pytorch/pytorch#176025) drops its default backward tile configs that do
+    not divide the mask's tiles *before* applying ``kernel_options``, and its default on
+    H100/H200 uses 128-wide tiles, so the backward has no kernel left; autotuning adds
+    smaller configs, which explicit options then override.  (Inlined into a caller's
+    compile, the caller's settings apply.)
     """
-    global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
+    options = dict(kernel_options) if kernel_options else None  # a copy: the table stays ours
     if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask=block_mask)
+        return flex_attention(q, k, v, block_mask=block_mask, kernel_options=options)
     if q.device.type == "cpu":
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             raise RuntimeError("attention_impl='flex' cannot train on the CPU (PyTorch's FlexAttention has no "
                                "CPU backward); use attention_impl='auto' or 'dense'")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "called without torch.compile": expected here
-            return flex_attention(q, k, v, block_mask=block_mask)
-    if _compiled_flex is None:
+            return flex_attention(q, k, v, block_mask=block_mask, kernel_options=options)
+    autotune = min(getattr(block_mask, "BLOCK_SIZE", (128, 128))) < 128
+    if autotune not in _compiled_flex:
         import torch._dynamo as dynamo
 
-        # One compiled kernel per (layer kind, shape, dtype, grad mode): training, evaluation and a
-        # last partial batch already make ~9; past the limit PyTorch would silently run the unfused
-        # reference, which materialises every score.
+        # One compiled kernel per (layer kind, shape, dtype, grad mode, kernel options): training,
+        # evaluation and a last partial batch already make ~9; past the limit PyTorch would silently
+        # run the unfused reference, which materialises every score.
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
+        _compiled_flex[autotune] = torch.compile(flex_attention, dynamic=False,
+                                                 options={"max_autotune": True} if autotune else None)
+    return _compiled_flex[autotune](q, k, v, block_mask=block_mask, kernel_options=options)
 
 
 def check_config(config: TransformerConfig) -> None:
@@ -234,7 +251,7 @@ class Attention(nn.Module):
         # FlexAttention wants one dtype and contiguous inputs (autocast leaves q, k, v in bf16):
         # one copy of the [3, B, H, L, D] layout, then q, k, v are contiguous slices of it.
         q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
-        y = flex_attend(q, k, v, flex.block_mask).transpose(1, 2)  # [B, L, H, D], a view
+        y = flex_attend(q, k, v, flex.block_mask, flex.kernel_options).transpose(1, 2)  # [B, L, H, D], a view
         if flex.inverse is not None:
             # Back to raster order; the gather also merges the heads (its output is contiguous),
             # so this costs one copy, not the transpose's and the permutation's.

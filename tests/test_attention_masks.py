@@ -151,3 +151,118 @@ def test_sparse_layers_skip_most_tiles_at_the_paper_layout():
     assert tile_fraction("row", 256, 32) < 0.36
     assert tile_fraction("column", 256, 32) < 0.3  # thanks to the column-major order
     assert tile_fraction("conv", 256, 32, 11) < 0.42
+
+
+@pytest.mark.parametrize("text_len,grid", [(3, 4), (5, 6), (1, 5), (8, 12)])
+def test_column_major_mask_mod_needs_no_lookup_table(text_len, grid):
+    from dalle.attention_masks import column_major_order, mask_mod
+
+    for length in (text_len + grid * grid - 1, text_len + grid * grid):  # training/scoring, and the whole stream
+        order = column_major_order(text_len, grid, length)
+        reference = build_mask("column", text_len, grid, 3)[:length, :length][order][:, order]
+        arithmetic = flex.create_mask(mask_mod("column", text_len, grid, column_major=True), None, None, length,
+                                      length, device="cpu")
+        assert torch.equal(arithmetic[0, 0], reference)
+    with pytest.raises(ValueError, match="column_major"):
+        mask_mod("row", text_len, grid, column_major=True)
+
+
+def test_column_block_mask_of_a_shorter_stream_keeps_the_lookup_table():
+    from dalle.attention_masks import column_major_order, flex_mask
+
+    text_len, grid = 4, 6
+    length = text_len + 20  # a partial image: the last columns are short, no arithmetic mapping
+    fm = flex_mask("column", text_len, grid, 3, length, "cpu", block_size=16)
+    order = column_major_order(text_len, grid, length)
+    expected = build_mask("column", text_len, grid, 3)[:length, :length][order][:, order]
+    got = flex.create_mask(fm.block_mask.mask_mod, None, None, length, length, device="cpu")[0, 0]
+    assert torch.equal(got, expected)
+
+
+def test_smaller_and_rectangular_tiles_skip_more_work():
+    from dalle.attention_masks import tile_fraction
+
+    for kind in ("row", "column", "conv"):
+        square = tile_fraction(kind, 256, 32, 11, 128)
+        assert tile_fraction(kind, 256, 32, 11, 64) < square
+        assert tile_fraction(kind, 256, 32, 11, 64) <= tile_fraction(kind, 256, 32, 11, (128, 64)) <= square
+    with pytest.raises(ValueError, match="power of two"):
+        tile_fraction("row", 256, 32, 11, 96)
+
+
+# --- FlexAttention kernel options: what the tuning table may hold ------------------------------
+
+ALL_TILES_32 = {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 32, "fwd_num_warps": 4, "fwd_num_stages": 2,
+                "bwd_BLOCK_M1": 16, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 16,
+                "bwd_num_warps": 4, "bwd_num_stages": 2}
+
+
+def test_valid_kernel_options_pass_the_check():
+    from dalle.attention_masks import check_kernel_options
+
+    check_kernel_options({}, 128)  # PyTorch's defaults
+    check_kernel_options({"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128,
+                          "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64, "num_warps": 8, "fwd_USE_TMA": True}, 128)
+    check_kernel_options(ALL_TILES_32, 32)
+    check_kernel_options({**ALL_TILES_32, "fwd_BLOCK_M": 64, "bwd_BLOCK_M2": 64}, (64, 32))  # query tiles up to 64
+
+
+@pytest.mark.parametrize("options,block,match", [
+    ({"fwd_BLOCK_Q": 64}, 128, "not a FlexAttention kernel option"),
+    ({"PRESCALE_QK": True}, 128, "change the results"),
+    ({"bwd_ROWS_GUARANTEED_SAFE": True}, 128, "change the results"),
+    ({"BLOCKS_ARE_CONTIGUOUS": True}, 128, "change the results"),
+    ({"fwd_BLOCK_M": 256}, 128, "dividing the mask's query block 128"),
+    ({"fwd_BLOCK_N": 48}, 128, "power of two"),
+    ({**ALL_TILES_32, "fwd_BLOCK_N": 64}, (64, 32), "dividing the mask's key block 32"),
+    ({"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 32}, 128, "BLOCK_N1=32 must be a multiple of BLOCK_M1=64"),
+    ({"bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 64}, 128, "BLOCK_M2=32 must be a multiple of BLOCK_N2=64"),
+    ({"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64}, 64, "needs explicit bwd_BLOCK_M1"),
+    ({"fwd_num_warps": 0}, 128, "positive int"),
+])
+def test_unsafe_or_impossible_kernel_options_fail_loudly(options, block, match):
+    from dalle.attention_masks import check_kernel_options
+
+    with pytest.raises(ValueError, match=match):
+        check_kernel_options(options, block)
+
+
+def test_the_checked_in_tuning_table_is_valid():
+    from dalle.attention_masks import FLEX_TUNING, check_kernel_options
+
+    for device, kinds in FLEX_TUNING.items():
+        assert device == "cpu" or device.startswith("sm"), device
+        for kind, entry in kinds.items():
+            assert kind in ("row", "column", "conv"), kind
+            assert set(entry) <= {"block_size", "kernel_options"}, entry
+            check_kernel_options(entry.get("kernel_options") or {}, entry.get("block_size", 128))
+
+
+def test_flex_mask_takes_the_tuned_block_size_and_options_for_its_device(monkeypatch):
+    from dalle import attention_masks
+    from dalle.attention_masks import flex_mask
+
+    text_len, grid, length = 8, 12, 8 + 144 - 1
+    monkeypatch.setattr(attention_masks, "FLEX_TUNING", {
+        "cpu": {"row": {"block_size": 32, "kernel_options": ALL_TILES_32}},
+        "sm90": {"conv": {"block_size": 64, "kernel_options": {}}},
+    })
+    tuned = flex_mask("row", text_len, grid, 3, length, "cpu")
+    assert tuned.block_mask.BLOCK_SIZE == (32, 32) and tuned.kernel_options == ALL_TILES_32
+    assert tuned is flex_mask("row", text_len, grid, 3, length, "cpu")  # cached with its options
+    explicit = flex_mask("row", text_len, grid, 3, length, "cpu", block_size=32)
+    assert explicit.kernel_options is None  # an explicit tile means PyTorch's default options
+    assert explicit.block_mask is tuned.block_mask  # one block mask per tile, whatever the options
+    untuned = flex_mask("conv", text_len, grid, 3, length, "cpu")  # tuned on sm90 only
+    assert untuned.block_mask.BLOCK_SIZE == (128, 128) and untuned.kernel_options is None
+
+
+def test_options_this_pytorch_lacks_are_dropped_with_a_warning(monkeypatch):
+    from dalle import attention_masks
+    from dalle.attention_masks import flex_tuning
+
+    monkeypatch.setattr(attention_masks, "FLEX_TUNING", {
+        "cpu": {"column": {"block_size": [32, 16], "kernel_options": {"fwd_num_warps": 4, "fwd_FUTURE_KNOB": 1}}}})
+    with pytest.warns(UserWarning, match="FUTURE_KNOB"):
+        block, options = flex_tuning("column", "cpu")
+    assert block == (32, 16) and options == {"fwd_num_warps": 4}

@@ -286,3 +286,43 @@ def test_permute_tokens_equals_index_select_in_values_and_gradients():
     # Twice differentiable, like index_select.
     x = torch.randn(2, len(order), 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x: permute_tokens(x, order, inverse) ** 2, (x,))
+
+
+def test_tuned_flex_kernel_options_reach_flex_attention_and_leave_the_results_alone(monkeypatch):
+    """FLEX_TUNING's mask tiles and kernel options per layer kind go through ``flex_attend`` to PyTorch.
+
+    On the CPU the unfused reference ignores kernel options, so the model must still give the
+    dense results, now with 32- and 16-wide mask tiles (several tiles per row at 159 tokens)."""
+    flex_module = pytest.importorskip("torch.nn.attention.flex_attention", reason="this PyTorch has no FlexAttention")
+    from dalle import attention_masks
+
+    row_options = {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 32, "fwd_num_warps": 4, "bwd_BLOCK_M1": 16,
+                   "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 16}
+    column_options = {"fwd_BLOCK_M": 32, "fwd_BLOCK_N": 16, "bwd_BLOCK_M1": 16, "bwd_BLOCK_N1": 16,
+                      "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 16}
+    table = {"cpu": {"row": {"block_size": 32, "kernel_options": row_options},
+                     "column": {"block_size": [32, 16], "kernel_options": column_options}}}
+    for entry in table["cpu"].values():
+        attention_masks.check_kernel_options(entry["kernel_options"], entry["block_size"])
+    monkeypatch.setattr(attention_masks, "FLEX_TUNING", table)
+    calls = []
+    original = flex_module.flex_attention
+
+    def recording(q, k, v, *args, block_mask=None, kernel_options=None, **kwargs):
+        calls.append((tuple(block_mask.BLOCK_SIZE), kernel_options))
+        return original(q, k, v, *args, block_mask=block_mask, kernel_options=kernel_options, **kwargs)
+
+    monkeypatch.setattr(flex_module, "flex_attention", recording)
+    config = tiny_config(text_len=16, image_grid=12, text_vocab=40, attention="sparse", n_layers=4)
+    dense = model_for(dataclasses.replace(config, attention_impl="dense"))
+    flexed = model_for(dataclasses.replace(config, attention_impl="flex"))
+    assert flexed.kinds == ["row", "row", "column", "conv"]
+    g = torch.Generator().manual_seed(2)
+    text = torch.randint(0, 24, (2, 16), generator=g)
+    images = torch.randint(0, IMAGE_VOCAB, (2, 12, 12), generator=g)
+    with torch.no_grad():
+        for a, b in zip(dense(text, images), flexed(text, images)):
+            assert torch.allclose(a, b, atol=2e-5), float((a - b).abs().max())
+    assert calls == [((32, 32), row_options), ((32, 32), row_options), ((32, 16), column_options),
+                     ((128, 128), None)]  # conv: not in the table, PyTorch's defaults
+    assert all(options is not row_options for _, options in calls)  # PyTorch gets a copy, never the table
