@@ -167,6 +167,14 @@ class TrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     shapes_size: int = 50_000  # items of the shapes set streamed by ``--data shapes`` (token cache size)
+    # Validation split (dalle.training.state.validation_split): the last items of the data set,
+    # held out of every stage's training batches, so the logs and fit reports compare training
+    # figures with figures on images no stage has seen.  A fraction of the data, at least
+    # ``val_min`` items (but never over a fifth of a small set), at most ``val_max``; ``val_fraction=0``
+    # turns it off.  Defaults and why: the docstring of validation_split.
+    val_fraction: float = 0.02
+    val_min: int = 16
+    val_max: int = 256
 
 
 @dataclass

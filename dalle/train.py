@@ -6,6 +6,12 @@ finished, so ``dalle train all --resume`` picks a killed run up where it died.
 The model folder keeps the whole config (``dalle.json``) from its first run, so
 later steps never need the preset again.
 
+Validation: every stage holds out the same images, the data set's last ones
+(:func:`dalle.training.state.validation_split`; ``val_fraction``, ``val_min`` and
+``val_max`` of the config's ``train`` section), logs its figures on them next to the
+same figures on training images, and ends with a fit report in ``OUT/logs/<stage>_fit.json``
+that names memorising, a collapsed codebook, a reranker near chance and the like.
+
 Environment: ``DALLE_CHECKPOINT_EVERY=N`` checkpoints the dVAE, transformer and CLIP
 every N steps instead of each loop's default (used by the kill-and-resume tests;
 also handy on preemptible machines).
@@ -175,14 +181,21 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
         elif stage == "transformer":
             from dalle.dvae import DiscreteVAE
             from dalle.tokenizer import TextTokenizer
+            from dalle.training.state import holdout
             from dalle.training.transformer import train_transformer
 
             tokenizer = _need_tokenizer(out)
             with main_process_first(info):
                 cache = build_or_open_token_cache(dataset, out, device)
             dvae = DiscreteVAE.from_pretrained(out / "dvae", device=device)
+            # The token cache lists the data set's items in order, so its tail holds the images the
+            # dVAE and CLIP hold out; the count comes from the data set itself, because items the
+            # cache left out (bad images) would otherwise shift the split's size.  None: too small
+            # to split, which the loop says itself.
+            _, held_out = holdout(len(dataset), config.train, stage="transformer", warn=False)
+            val_items = min(len(held_out), len(cache) - 1) if held_out else None
             train_transformer(cache, tokenizer, out, config, minutes=budget, dvae=dvae, strategy=strategy,
-                              compile=compile, **common)
+                              compile=compile, val_items=val_items, **common)
         elif stage == "clip":
             from dalle.training.clip import train_clip
 

@@ -22,6 +22,16 @@ def test_train_all_writes_a_loadable_model_folder(tiny_model):
     assert (tiny_model / "dalle.json").is_file()
 
 
+def test_train_all_holds_out_the_same_images_in_every_stage_and_reports_fit(tiny_model):
+    # ``--data shapes`` streams the tiny preset's 256 training items: every stage holds out the last 16.
+    for stage, figure in (("dvae", "val_psnr"), ("transformer", "val_bits_per_image_token"), ("clip", "val_r_at_1")):
+        fit = json.loads((tiny_model / "logs" / f"{stage}_fit.json").read_text())
+        assert (fit["train_items"], fit["val_items"]) == (240, 16), stage
+        assert fit[figure] is not None and isinstance(fit["diagnoses"], list), stage
+        header = (tiny_model / "logs" / f"{stage}.csv").read_text().splitlines()[0].split(",")
+        assert header[0] == "step" and "mean_loss" in header and figure.replace("val_", "train_") in header
+
+
 def test_generate_writes_ranked_images_and_manifest(tiny_model, tmp_path):
     out = tmp_path / "gen"
     assert main(["generate", "a red circle", "a blue square above a green triangle", "--model", str(tiny_model),

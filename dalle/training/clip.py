@@ -21,12 +21,19 @@ captions.  The slices' embeddings are gathered from every rank, with gradients
 global batch -- every negative counts, as in one process -- and the loss curve
 follows a one-process run with the same batch.  Rank 0 writes the log,
 checkpoints (full tensors, loadable at any world size) and the export.
+
+Validation: the last items of the data set (:func:`dalle.training.state.validation_split`,
+the same items the dVAE and transformer stages hold out) never enter a batch.  Every
+``eval_every`` steps rank 0 measures retrieval among pools of 16 items
+(:func:`retrieval_at_1`) on them and on as many training items, logs both, and the
+finished run writes a fit report (``logs/clip_fit.json``, :func:`diagnose_clip`).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import re
 import time
 from pathlib import Path
@@ -44,13 +51,28 @@ from dalle.config import DalleConfig
 from dalle.data.preprocess import derive_seed, eval_transform
 from dalle.training import distributed as dd
 from dalle.training.distributed import DistInfo
-from dalle.training.state import Checkpointer, NonFiniteGuard, step_generator, warmup_cosine
+from dalle.training.state import (Checkpointer, Diagnosis, NonFiniteGuard, holdout, spread, step_generator,
+                                  warmup_cosine, write_fit_report)
 
-LOG_FIELDS = ["step", "loss", "lr", "logit_scale", "batch_acc", "seconds"]
+# ``loss``: the logged step's; ``mean_loss``: the mean over the steps since the previous row;
+# ``val_``/``train_r_at_1``: retrieval among pools of POOL items (retrieval_at_1), on the
+# validation items and on as many training items.
+LOG_FIELDS = ["step", "loss", "lr", "logit_scale", "batch_acc", "seconds", "mean_loss", "val_r_at_1", "train_r_at_1"]
 FINAL_LR_FRACTION = 0.1  # cosine decays to a tenth of the peak
 WEIGHT_DECAY = 0.1
 GRAD_CLIP = 1.0
 SPEED_PROBE_STEPS = 10  # a ``minutes=`` run re-fits its schedule length every this many steps
+EVAL_ITEMS = 64  # training items evaluated when nothing is held out
+# Retrieval is measured among pools of this many items, whatever the split's size, so the
+# figure (and chance, 1 in 16) means the same on 16 held-out items as on 512.
+POOL = 16
+
+# Fit report thresholds (diagnose_clip).  Under twice chance, the reranker cannot tell a
+# fitting image from the others: reranking with it is about as good as picking at random.
+NEAR_CHANCE_FACTOR = 2.0
+# Memorising: training captions find their image at least 20 points more often than unseen
+# ones, and by more than twice the standard error of the difference (small splits are noisy).
+MEMORISING_GAP = 0.2
 
 
 class CaptionedItem(Protocol):
@@ -86,10 +108,14 @@ def caption_positives(captions: Sequence[str], items: Sequence[CaptionedItem]) -
     return torch.tensor([[c in own_i for own_i in own] for c in captions], dtype=torch.bool)
 
 
-def draw_batch(dataset: Sequence[CaptionedItem], batch_size: int, seed: int, step: int) -> tuple[list[CaptionedItem], list[str]]:
-    """The items and captions of step ``step``: a function of ``(seed, step)`` only."""
+def draw_batch(dataset: Sequence[CaptionedItem], batch_size: int, seed: int, step: int,
+               n_train: int | None = None) -> tuple[list[CaptionedItem], list[str]]:
+    """The items and captions of step ``step``: a function of ``(seed, step)`` only.
+
+    Items are drawn from the first ``n_train`` (default: all; the rest is the validation split).
+    """
     g = step_generator(seed, step, stream=3)
-    n = len(dataset)
+    n = len(dataset) if n_train is None else n_train
     if n >= batch_size:
         indices = torch.randperm(n, generator=g)[:batch_size].tolist()
     else:  # a data set smaller than a batch: repeats are unavoidable (and marked positive)
@@ -115,8 +141,8 @@ def _warmup_steps(total: int) -> int:
     return max(1, min(200, total // 10))
 
 
-def _prepare_log(path: Path, resume_step: int | None) -> None:
-    """Start ``path`` afresh, or on resume keep only the rows up to the resumed step."""
+def _prepare_log(path: Path, resume_step: int | None) -> list[dict[str, str]]:
+    """Start ``path`` afresh, or on resume keep only the rows up to the resumed step (returned)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
     if resume_step is not None and path.is_file():
@@ -126,6 +152,7 @@ def _prepare_log(path: Path, resume_step: int | None) -> None:
         writer = csv.DictWriter(f, LOG_FIELDS)
         writer.writeheader()
         writer.writerows({k: r.get(k, "") for k in LOG_FIELDS} for r in rows)
+    return rows
 
 
 # --- data parallelism: every negative of the global batch on every rank -------------------
@@ -234,6 +261,70 @@ def _batch_accuracy(model: CLIP, text_ids: torch.Tensor, images: torch.Tensor, p
     return positives.gather(1, logits.argmax(dim=1, keepdim=True)).float().mean()
 
 
+# --- validation and the fit report ---------------------------------------------------------
+
+
+@torch.no_grad()
+def retrieval_at_1(model: CLIP, dataset: Sequence[CaptionedItem], indices: Sequence[int], tokenizer: TextEncoderLike,
+                   pool: int = POOL, batch_size: int = 128) -> tuple[float, int]:
+    """``(R@1, captions)``: how often a caption's best image, among a pool of ``pool`` items, fits it.
+
+    ``indices`` are cut into consecutive pools of ``pool`` items (a remainder smaller than a
+    pool is left out).  Each item's first caption ranks the images of its pool; it counts
+    when the top image is its own or one the caption is known to fit (:func:`true_captions`:
+    "a red circle" fits two images of red circles).  Chance is about ``1 / pool``.
+    """
+    usable = len(indices) - len(indices) % pool
+    if usable == 0:
+        raise ValueError(f"retrieval_at_1 needs at least one pool of {pool} items, got {len(indices)}")
+    items = [dataset[i] for i in list(indices)[:usable]]
+    captions = [item.captions[0] for item in items]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    size = model.config.image_size
+    text, image = [], []
+    try:
+        for lo in range(0, usable, batch_size):
+            pixels = torch.stack([image_to_tensor(item.image, size) for item in items[lo:lo + batch_size]])
+            image.append(model.encode_image(pixels.to(device)).float().cpu())
+            ids = tokenizer.encode_batch(captions[lo:lo + batch_size], training=False)
+            text.append(model.encode_text(ids.to(device)).float().cpu())
+    finally:
+        model.train(was_training)
+    text_all, image_all = torch.cat(text), torch.cat(image)
+    hits = 0
+    for lo in range(0, usable, pool):
+        top = (text_all[lo:lo + pool] @ image_all[lo:lo + pool].t()).argmax(dim=1).tolist()
+        fits = [true_captions(items[lo + j]) for j in range(pool)]
+        hits += sum(captions[lo + q] in fits[j] for q, j in enumerate(top))
+    return hits / usable, usable
+
+
+def diagnose_clip(*, train_r1: float, val_r1: float | None, pool: int, captions: int) -> list[Diagnosis]:
+    """What the final retrieval figures of a CLIP run say, in plain words (empty when all looks fine).
+
+    ``train_r1`` / ``val_r1``: :func:`retrieval_at_1` among pools of ``pool`` items, each
+    over ``captions`` captions, on training items and on the validation items (None when
+    nothing was held out).  Thresholds: the module's constants.
+    """
+    found = []
+    chance = 1.0 / pool
+    shown, where = (val_r1, "validation") if val_r1 is not None else (train_r1, "training")
+    if shown < NEAR_CHANCE_FACTOR * chance:
+        found.append(Diagnosis("near_chance", f"CLIP near chance on {where} images: a caption's best image among "
+                               f"{pool} fits it for {shown:.0%} of captions (chance {chance:.0%}), so reranking "
+                               "with it is close to picking at random -- train longer, or check that the captions "
+                               "describe their images"))
+    if val_r1 is not None:
+        noise = math.sqrt((train_r1 * (1 - train_r1) + val_r1 * (1 - val_r1)) / max(captions, 1))
+        if train_r1 - val_r1 >= max(MEMORISING_GAP, 2 * noise):
+            found.append(Diagnosis("memorising", f"CLIP memorising: a caption's best image among {pool} fits it for "
+                                   f"{train_r1:.0%} of training captions but {val_r1:.0%} of unseen ones -- more data "
+                                   "or fewer steps would help"))
+    return found
+
+
 def train_clip(
     dataset: Sequence[CaptionedItem],
     tokenizer: TextEncoderLike,
@@ -248,6 +339,8 @@ def train_clip(
     log_every: int = 10,
     checkpoint_every: int = 250,
     hard_negatives: bool | None = None,
+    eval_every: int = 250,
+    val_items: int | None = None,
 ) -> Path:
     """Train a CLIP on ``dataset`` and save it to ``out_dir/clip``; returns that folder.
 
@@ -266,6 +359,11 @@ def train_clip(
     the one attribute that differs and the text encoder must read it, e.g. tell
     "a red circle to the left of a blue square" from "a blue square to the left
     of a red circle".  The batch doubles (``clip_batch`` originals + their twins).
+
+    Validation: the last ``val_items`` items of ``dataset`` (default: the config's split,
+    :func:`dalle.training.state.validation_split`) are held out of training; every
+    ``eval_every`` steps and at the end, retrieval on them and on as many training items
+    is logged, and the finished run writes its fit report (``logs/clip_fit.json``).
 
     Under ``torchrun`` every rank must call this; the run is data-parallel over the job
     (see the module docstring), ``clip_batch`` is the global batch and must divide by
@@ -286,6 +384,14 @@ def train_clip(
     if train.clip_batch % info.world_size:
         raise ValueError(f"clip_batch={train.clip_batch} does not split evenly over {info.world_size} processes: "
                          f"use a batch size divisible by {info.world_size} (it is the global batch)")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be a positive number of steps, got {eval_every}")
+    n_train, val_indices = holdout(len(dataset), train, val_items, "clip", warn=main)
+    if n_train < 2:
+        raise ValueError(f"val_items={val_items} leaves {n_train} training item: CLIP needs at least 2 (contrast "
+                         "needs negatives)")
+    train_probe = spread(n_train, len(val_indices) or EVAL_ITEMS)  # as many training items as validation ones
+    pool = min(POOL, len(val_indices) or len(train_probe))
 
     torch.manual_seed(seed)
     model = CLIP(config.clip).to(device).train()
@@ -295,11 +401,13 @@ def train_clip(
     guard = NonFiniteGuard()
 
     start, total = 0, steps or train.clip_steps
+    window_sum, window_count = 0.0, 0  # the losses of the steps since the last logged row
     fit_to_budget = minutes is not None and steps is None
     # Every rank reads the same checkpoint (full tensors, written at any world size).
     loaded = checkpointer.load_latest({"clip": model}, {"clip": optimizer}) if resume else None
     if loaded is not None:
         start, extra = loaded
+        window_sum, window_count = extra.get("window_loss", (0.0, 0))
         if steps is None:
             total = int(extra.get("total_steps", total))
             fit_to_budget = False  # the schedule was fixed by the run that wrote the checkpoint
@@ -310,9 +418,21 @@ def train_clip(
     def save_checkpoint(step: int, wait: bool = True) -> None:
         if main:
             checkpointer.save(step, {"clip": model}, {"clip": optimizer},
-                              {"total_steps": total, "seed": seed, "world_size": info.world_size})
+                              {"total_steps": total, "seed": seed, "world_size": info.world_size,
+                               "window_loss": [window_sum, window_count]})
         if wait:
             dd.barrier(info)
+
+    last_fit: dict[str, Any] | None = None  # the newest evaluation (rank 0)
+
+    def evaluate_fit(step: int) -> dict[str, Any]:
+        """Retrieval among pools of ``pool`` items on the training probe and the validation items (rank 0)."""
+        r1, captions = retrieval_at_1(model, dataset, train_probe, tokenizer, pool)
+        entry: dict[str, Any] = {"step": step, "train_r_at_1": round(r1, 4), "val_r_at_1": None, "captions": captions}
+        if val_indices:
+            r1, captions = retrieval_at_1(model, dataset, val_indices, tokenizer, pool)
+            entry.update(val_r_at_1=round(r1, 4), captions=captions)
+        return entry
 
     size = config.clip.image_size
     step = start
@@ -334,7 +454,7 @@ def train_clip(
                 group["lr"] = lr
 
             # The whole global batch's metadata on every rank; pixels of this rank's slice only.
-            items, captions = draw_batch(dataset, train.clip_batch, seed, step)
+            items, captions = draw_batch(dataset, train.clip_batch, seed, step, n_train)
             if hard_negatives is not False and all(getattr(item, "scene", None) is not None for item in items):
                 twins, twin_captions = hard_negative_twins(items, captions, np.random.default_rng(derive_seed(seed, step, 2)))
                 items, captions = items + twins, captions + twin_captions
@@ -352,6 +472,8 @@ def train_clip(
             optimizer.zero_grad(set_to_none=True)
             # The loss, and after DDP's average the gradients, are equal on every rank: so is each decision.
             if guard.check(loss.detach()):
+                window_sum += float(loss.detach())
+                window_count += 1
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
                 if guard.check(grad_norm):
@@ -359,14 +481,26 @@ def train_clip(
             step += 1
             bar.update(1)
 
-            if step % log_every == 0 or step == total:
+            evaluating = step % eval_every == 0 or step == total
+            if step % log_every == 0 or evaluating:
                 acc = _batch_accuracy(model, text_ids, images, positives, info)
+                if main and evaluating:
+                    last_fit = evaluate_fit(step)
                 if log is not None and log_file is not None:
                     scale = float(model.logit_scale.detach().exp())
-                    log.writerow({"step": step, "loss": f"{loss.item():.5f}", "lr": f"{lr:.3e}",
-                                  "logit_scale": f"{scale:.3f}", "batch_acc": f"{acc.item():.4f}",
-                                  "seconds": f"{time.monotonic() - t0:.4f}"})
+                    row = {"step": step, "loss": f"{loss.item():.5f}", "lr": f"{lr:.3e}",
+                           "logit_scale": f"{scale:.3f}", "batch_acc": f"{acc.item():.4f}",
+                           "seconds": f"{time.monotonic() - t0:.4f}",
+                           "mean_loss": f"{window_sum / window_count:.5f}" if window_count else ""}
+                    if evaluating and last_fit is not None:
+                        row["train_r_at_1"] = f"{last_fit['train_r_at_1']:.4f}"
+                        if last_fit["val_r_at_1"] is not None:
+                            row["val_r_at_1"] = f"{last_fit['val_r_at_1']:.4f}"
+                    log.writerow(row)
                     log_file.flush()
+                if evaluating:
+                    dd.barrier(info)  # the other ranks wait for rank 0's evaluation
+                window_sum, window_count = 0.0, 0
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
             if step % checkpoint_every == 0 and step < total:
                 save_checkpoint(step)
@@ -392,10 +526,29 @@ def train_clip(
     folder = out_dir / "clip"
     if main:
         model.save_pretrained(folder)
+        if last_fit is None or last_fit["step"] != step:  # stopped by the clock after the last evaluation
+            last_fit = evaluate_fit(step)
+        _fit_report(out_dir, last_fit, n_train=n_train, n_val=len(val_indices), n_probe=len(train_probe), pool=pool)
     dd.barrier(info)
     # Replicas must agree bit for bit; a drift is a bug worth reporting loudly.
     dd.check_replicas_identical(model, info, "CLIP")
     return folder
+
+
+def _fit_report(out_dir: Path, fit: dict[str, Any], *, n_train: int, n_val: int, n_probe: int, pool: int) -> Path:
+    """Diagnose the run from its final evaluation; write ``logs/clip_fit.json`` and print it."""
+    diagnoses = diagnose_clip(train_r1=fit["train_r_at_1"], val_r1=fit["val_r_at_1"], pool=pool,
+                              captions=fit["captions"])
+    among = f"a caption's best image among {pool} fits it"
+    if fit["val_r_at_1"] is None:
+        summary = (f"{among} for {fit['train_r_at_1']:.0%} of {n_probe} training captions at step {fit['step']} "
+                   f"({n_train} training images; none held out for validation)")
+    else:
+        summary = (f"{among} for {fit['val_r_at_1']:.0%} of {n_val} validation captions and "
+                   f"{fit['train_r_at_1']:.0%} of {n_probe} training ones at step {fit['step']} "
+                   f"({n_train} training images)")
+    figures = {"train_items": n_train, "val_items": n_val, "pool": pool, "chance": round(1 / pool, 4), **fit}
+    return write_fit_report(out_dir, "clip", summary, figures, diagnoses)
 
 
 @torch.no_grad()

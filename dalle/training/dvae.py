@@ -38,6 +38,13 @@ count is stored in the checkpoints, so a resumed run keeps the schedules it star
 with.  The budget is also a deadline for the whole run, resumes included: past it the
 loop stops, checkpoints and exports even if the machine got slower than the estimate
 (the schedules then end early, not annealed).
+
+Validation: the last items of the data set (:func:`dalle.training.state.validation_split`,
+the same items the transformer and CLIP stages hold out) never enter a batch.  Every
+``sample_every`` steps the weight average reconstructs them and as many training items;
+both PSNRs and code uses are logged, and the finished run writes a fit report
+(``logs/dvae_fit.json``, :func:`diagnose_dvae`): codebook collapse, blurry
+reconstructions, memorised training images.
 """
 
 from __future__ import annotations
@@ -62,8 +69,8 @@ from dalle.dvae import (DiscreteVAE, GumbelQuantizer, VectorQuantizer, code_stat
                         psnr_from_mse)
 from dalle.training import distributed as dd
 from dalle.training.distributed import DistInfo
-from dalle.training.state import (EMA, Checkpointer, NonFiniteGuard, budget_deadline, cosine, steps_in_budget,
-                                  time_per_step, warmup_cosine)
+from dalle.training.state import (EMA, Checkpointer, Diagnosis, NonFiniteGuard, budget_deadline, cosine, holdout,
+                                  spread, steps_in_budget, time_per_step, warmup_cosine, write_fit_report)
 
 TEMPERATURE_START = 1.0
 TEMPERATURE_END = 1.0 / 16  # the paper's final temperature
@@ -74,6 +81,21 @@ ADAM_BETAS = (0.9, 0.999)
 WEIGHT_DECAY = 1e-4
 CHECKPOINT_EVERY = 500
 NOISE_STREAM = 29  # mixes into the seeds of each rank's Gumbel noise (data-parallel runs only)
+EVAL_ITEMS = 64  # training items evaluated when nothing is held out
+
+# Fit report thresholds (diagnose_dvae).
+# Below 20 dB the RMS error exceeds a tenth of the pixel range: edges and small objects are
+# lost (on the shapes set a healthy VQ dVAE reaches 30-33 dB, see benchmarks/results/bench_dvae.txt).
+BLURRY_PSNR_DB = 20.0
+# 3 dB is twice the squared error: the dVAE reconstructs its training images much better
+# than unseen ones, so the transformer will be trained on tokens unseen images do not get.
+MEMORISING_PSNR_GAP_DB = 3.0
+# Codes used, as a share of what the evaluated tokens could use (min(K, tokens)): the healthy
+# VQ run of bench_dvae.txt uses 98% of 512 codes on 256 shapes images, the Gumbel run that
+# reconstructs only half the judged images 21%.  Judged only with 2 tokens a code or more:
+# fewer images cannot show a healthy codebook's spread.
+COLLAPSE_SHARE = 0.25
+COLLAPSE_MIN_TOKENS_PER_CODE = 2
 
 
 # --- batches -----------------------------------------------------------------------------
@@ -99,9 +121,13 @@ def image_tensor(image: Image.Image, image_size: int, generator: torch.Generator
 
 
 def batch_for_step(
-    dataset: Any, seed: int, step: int, batch_size: int, image_size: int, info: DistInfo | None = None
+    dataset: Any, seed: int, step: int, batch_size: int, image_size: int, info: DistInfo | None = None,
+    n_train: int | None = None,
 ) -> Tensor:
     """The training batch of step ``step``: a function of ``(seed, step)`` only.
+
+    Items are drawn from the first ``n_train`` of ``dataset`` (default: all; the rest is
+    the validation split).
 
     With ``info`` of several processes ``batch_size`` is the global batch and this rank's
     contiguous slice of it is returned.  The items' crops share one random stream, so the
@@ -110,7 +136,7 @@ def batch_for_step(
     together are exactly the one-process batch.
     """
     g = make_generator(seed, step)
-    indices = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
+    indices = torch.randint(len(dataset) if n_train is None else n_train, (batch_size,), generator=g).tolist()
     if info is None or not info.distributed:
         return torch.stack([image_tensor(dataset[i].image, image_size, g) for i in indices])
     start, stop = dd.shard_bounds(batch_size, info)
@@ -129,6 +155,11 @@ def fixed_images(dataset: Any, n: int, image_size: int) -> Tensor:
     n = min(n, len(dataset))
     g = make_generator(0)
     return torch.stack([image_tensor(dataset[i].image, image_size, g) for i in range(n)])
+
+
+def images_at(dataset: Any, indices: Any, image_size: int) -> Tensor:
+    """The images of ``dataset[indices]``, each with a fixed crop of its own (the same at every call)."""
+    return torch.stack([image_tensor(dataset[i].image, image_size, make_generator(0, i)) for i in indices])
 
 
 # --- evaluation ----------------------------------------------------------------------------
@@ -163,6 +194,58 @@ def evaluate_dvae(model: DiscreteVAE, dataset: Any, n: int = 256, batch: int = 6
     mse = (recon - images).pow(2).mean()
     perplexity, usage = code_statistics(tokens, model.codebook_size)
     return {"psnr": float(psnr_from_mse(mse)), "codebook_usage": float(usage), "perplexity": float(perplexity)}
+
+
+@torch.no_grad()
+def reconstruction_figures(model: DiscreteVAE, dataset: Any, indices: Any, batch: int = 64) -> dict[str, Any]:
+    """PSNR (dB, all pixels pooled) and the code histogram of the hard reconstructions of ``dataset[indices]``.
+
+    Read ``batch`` images at a time, so a large validation split at a large image size is
+    never held in memory at once.  Returns ``psnr``, ``usage`` (fraction of the codebook
+    used) and ``counts`` (``[K]`` code counts).
+    """
+    indices = list(indices)
+    size, k = model.config.image_size, model.codebook_size
+    was_training = model.training
+    model.eval()
+    squared, pixels, counts = 0.0, 0, torch.zeros(k)
+    try:
+        for start in range(0, len(indices), batch):
+            images = images_at(dataset, indices[start:start + batch], size)
+            recon, tokens = reconstruct(model, images, batch)
+            squared += float((recon - images).pow(2).sum(dtype=torch.float64))
+            pixels += images.numel()
+            counts += torch.bincount(tokens.flatten(), minlength=k).float()
+    finally:
+        model.train(was_training)
+    mse = torch.tensor(squared / max(pixels, 1))
+    return {"psnr": float(psnr_from_mse(mse)), "usage": float((counts > 0).float().mean()), "counts": counts}
+
+
+def diagnose_dvae(*, train_psnr: float, val_psnr: float | None, codes_used: int, tokens: int,
+                  codebook_size: int) -> list[Diagnosis]:
+    """What the final evaluation of a dVAE run says, in plain words (empty when all looks fine).
+
+    ``train_psnr`` / ``val_psnr``: dB on training items and on the validation items (None
+    when nothing was held out); ``codes_used`` of ``codebook_size``: distinct codes among
+    the ``tokens`` of all evaluated images.  Thresholds: the module's constants.
+    """
+    found = []
+    available = min(codebook_size, tokens)
+    if tokens >= COLLAPSE_MIN_TOKENS_PER_CODE * codebook_size and codes_used < COLLAPSE_SHARE * available:
+        found.append(Diagnosis("codebook_collapse", f"dVAE codebook collapse: {codes_used} of {codebook_size} codes "
+                               f"({codes_used / codebook_size:.0%}) used on {tokens} image tokens, so the transformer "
+                               "gets few distinct tokens -- the VQ quantiser (it restarts dead codes), a smaller "
+                               "codebook or a longer run would help"))
+    shown, where = (val_psnr, "validation") if val_psnr is not None else (train_psnr, "training")
+    if shown < BLURRY_PSNR_DB:
+        found.append(Diagnosis("blurry", f"dVAE reconstructions blurry: PSNR {shown:.1f} dB on {where} images, below "
+                               f"{BLURRY_PSNR_DB:.0f} dB (an RMS error over a tenth of the pixel range) -- train "
+                               "longer or use a wider dVAE"))
+    if val_psnr is not None and train_psnr - val_psnr >= MEMORISING_PSNR_GAP_DB:
+        found.append(Diagnosis("memorising", f"dVAE memorising: reconstructs training images at {train_psnr:.1f} dB "
+                               f"but unseen ones at {val_psnr:.1f} dB -- more data or fewer steps would help"))
+    return found
 
 
 def save_grid(images: Tensor, recons: Tensor, path: Path) -> None:
@@ -205,8 +288,13 @@ def estimate_steps(model: DiscreteVAE, images: Tensor, minutes: float, autocast:
     return steps_in_budget(minutes, per_step), per_step
 
 
+# ``loss`` and the batch metrics: the logged step's; ``mean_loss``: the mean loss over the steps
+# since the previous row; ``val_``/``train_psnr`` and ``_usage``: the weight average on the
+# validation items and on as many training items; ``eval_psnr``/``eval_usage`` repeat the
+# validation figures for older readers (empty when nothing is held out).
 CSV_FIELDS = ["step", "loss", "nll", "kl", "commitment", "mse", "psnr", "perplexity", "usage",
-              "temperature", "kl_weight", "lr", "seconds", "eval_psnr", "eval_usage"]  # fmt: skip
+              "temperature", "kl_weight", "lr", "seconds", "eval_psnr", "eval_usage", "mean_loss",
+              "val_psnr", "train_psnr", "val_usage", "train_usage"]  # fmt: skip
 MEAN_METRICS = ("nll", "kl", "commitment", "mse")  # batch means: the global one is the mean over ranks
 
 
@@ -270,13 +358,18 @@ def train_dvae(
     stop_after: int | None = None,
     progress: bool = True,
     strategy: str = "ddp",
+    val_items: int | None = None,
 ) -> Path:
     """Train the dVAE of ``config`` on ``dataset`` (items with ``.image``); return ``out_dir/"dvae"``.
 
     ``steps`` (default ``config.train.dvae_steps``) sets the schedules' length; with
     ``minutes`` alone the step count is estimated from a timing probe (module
-    docstring), with both it is the smaller of the two.  ``eval_dataset`` (default: the
-    training set) feeds the sample grids and the logged held-out PSNR.  ``stop_after``
+    docstring), with both it is the smaller of the two.  Validation: the last
+    ``val_items`` items of ``dataset`` (default: the config's split,
+    :func:`dalle.training.state.validation_split`) are held out of training;
+    ``eval_dataset`` instead gives a separate validation set (then nothing is held out).
+    They feed the sample grids, the logged validation PSNR and the fit report
+    (``logs/dvae_fit.json``, printed too) that a finished run writes.  ``stop_after``
     ends the run early after that many steps, checkpointed, as an interruption would
     (for tests); ``resume`` continues from the newest checkpoint in ``out_dir``.
 
@@ -298,7 +391,15 @@ def train_dvae(
     info = dd.init_distributed(device)
     _check_strategy(strategy, info)
     device, main = info.device, info.is_main
-    eval_dataset = dataset if eval_dataset is None else eval_dataset
+    if eval_dataset is not None and val_items is not None:
+        raise ValueError("give eval_dataset (a separate validation set) or val_items (held out of the data set), "
+                         "not both")
+    if eval_dataset is None:
+        n_train, val_indices = holdout(len(dataset), tcfg, val_items, "dvae", warn=main)
+        val_data = dataset
+    else:
+        n_train, val_data, val_indices = len(dataset), eval_dataset, range(min(len(eval_dataset), tcfg.val_max))
+    train_probe = spread(n_train, len(val_indices) or EVAL_ITEMS)  # as many training items as validation ones
     batch_size, size = tcfg.dvae_batch, dcfg.image_size
     if batch_size % info.world_size:
         raise ValueError(f"dvae_batch={batch_size} must be divisible by the {info.world_size} processes "
@@ -323,6 +424,7 @@ def train_dvae(
 
     # Every rank restores the same checkpoint (full tensors and rank 0's random states).
     step, total, elapsed_before = 0, None, 0.0
+    window_sum, window_count = 0.0, 0  # the losses of the steps since the last logged row
     restored = None
     if resume:
         restored = checkpointer.load_latest({"model": model, "ema": ema.module}, {"optimizer": optimizer})
@@ -332,6 +434,7 @@ def train_dvae(
         else:
             step, extra = restored
             total, elapsed_before = int(extra["total_steps"]), float(extra.get("seconds", 0.0))
+            window_sum, window_count = extra.get("window_loss", (0.0, 0))
             if steps is not None and steps != total and main:
                 warnings.warn(f"resuming a {total}-step run: steps={steps} ignored (the schedules keep their length)",
                               stacklevel=2)
@@ -340,7 +443,7 @@ def train_dvae(
         if minutes is not None:  # timed by rank 0 on its slice, then shared
             fit = None
             if main:
-                probe_images = batch_for_step(dataset, seed, 0, batch_size, size, shard).to(device)
+                probe_images = batch_for_step(dataset, seed, 0, batch_size, size, shard, n_train).to(device)
                 fit, per_step = estimate_steps(model, probe_images, minutes, autocast)
                 fit = fit if steps is None else min(steps, fit)
                 print(f"dvae: {per_step:.3f} s a step -> {fit} steps in {minutes:g} minutes")
@@ -370,9 +473,23 @@ def train_dvae(
         log_file = open(log_path, "w", newline="")
         log = csv.DictWriter(log_file, fieldnames=CSV_FIELDS)
         log.writeheader()
-        log.writerows(rows)
-        sample_images = fixed_images(eval_dataset, 8, size)
-        eval_images = fixed_images(eval_dataset, 64, size)
+        log.writerows({k: r.get(k, "") for k in CSV_FIELDS} for r in rows)
+        sample_images = (images_at(val_data, val_indices[:8], size) if val_indices
+                         else images_at(dataset, train_probe[:8], size))
+    last_fit: dict[str, Any] | None = None  # the newest evaluation (rank 0)
+
+    def evaluate_fit() -> dict[str, Any]:
+        """Reconstruction figures of the weight average on the training probe and the validation items."""
+        train = reconstruction_figures(ema.module, dataset, train_probe)
+        entry: dict[str, Any] = {"step": step, "train_psnr": round(train["psnr"], 3),
+                                 "train_usage": round(train["usage"], 4), "val_psnr": None, "val_usage": None}
+        counts = train["counts"]
+        if val_indices:
+            val = reconstruction_figures(ema.module, val_data, val_indices)
+            entry.update(val_psnr=round(val["psnr"], 3), val_usage=round(val["usage"], 4))
+            counts = counts + val["counts"]
+        entry.update(codes_used=int((counts > 0).sum()), tokens=int(counts.sum()))
+        return entry
 
     time_up = False
     bar = _progress(step, end, progress and main)
@@ -395,6 +512,8 @@ def train_dvae(
                 # Bias-corrected warm-up of the average: early weights are forgotten fast.
                 ema.decay = min(tcfg.ema_decay, (1 + step) / (10 + step))
                 ema.update(model)
+                window_sum += float(loss.detach())
+                window_count += 1
             step += 1
             time_up = step < end and time.perf_counter() > deadline
             if info.distributed and math.isfinite(deadline):
@@ -405,12 +524,16 @@ def train_dvae(
                 row = {k: round(float(v), 5) for k, v in metrics.items() if k in CSV_FIELDS}
                 row.update(step=step, loss=round(float(loss.detach()), 5), seconds=round(
                     elapsed_before + time.perf_counter() - start_time, 1), **{k: round(v, 6) for k, v in s.items()})
+                row["mean_loss"] = round(window_sum / window_count, 5) if window_count else ""
+                window_sum, window_count = 0.0, 0
                 if step % sample_every == 0 or last:
                     if main:
-                        recon, tokens = reconstruct(ema.module, eval_images)
-                        row["eval_psnr"] = round(float(psnr_from_mse((recon - eval_images).pow(2).mean())), 3)
-                        row["eval_usage"] = round(float(code_statistics(tokens, dcfg.codebook_size)[1]), 4)
-                        save_grid(sample_images, recon[: len(sample_images)],
+                        last_fit = evaluate_fit()
+                        row.update({k: last_fit[k] for k in ("train_psnr", "train_usage")})
+                        if val_indices:
+                            row["val_psnr"] = row["eval_psnr"] = last_fit["val_psnr"]
+                            row["val_usage"] = row["eval_usage"] = last_fit["val_usage"]
+                        save_grid(sample_images, reconstruct(ema.module, sample_images)[0],
                                   out_dir / "samples" / f"dvae_step{step:06d}.png")
                     dd.barrier(info)
                 if log is not None and log_file is not None:
@@ -423,7 +546,8 @@ def train_dvae(
                 bar.update(1)
             if step % checkpoint_every == 0 or last:
                 extra = {"total_steps": total, "seed": seed, "world_size": info.world_size,
-                         "seconds": elapsed_before + time.perf_counter() - start_time}
+                         "seconds": elapsed_before + time.perf_counter() - start_time,
+                         "window_loss": [window_sum, window_count]}
                 if main:  # full tensors of the plain model: loadable at any world size
                     checkpointer.save(step, {"model": model, "ema": ema.module}, {"optimizer": optimizer}, extra)
                 dd.barrier(info)
@@ -440,11 +564,31 @@ def train_dvae(
     export = out_dir / "dvae"
     if main and (step >= total or time_up):  # an interrupted run (stop_after) is not exported
         ema.module.float().save_pretrained(export)
+        if last_fit is None or last_fit["step"] != step:
+            last_fit = evaluate_fit()
+        _fit_report(out_dir, last_fit, n_train=n_train, n_val=len(val_indices), n_probe=len(train_probe),
+                    codebook_size=dcfg.codebook_size)
     dd.barrier(info)
     # Replicated weights and codebooks must agree bit for bit; a drift is a bug worth reporting loudly.
     dd.check_replicas_identical(model, info, "dVAE")
     dd.check_replicas_identical(ema.module, info, "dVAE weight average")
     return export
+
+
+def _fit_report(out_dir: Path, fit: dict[str, Any], *, n_train: int, n_val: int, n_probe: int,
+                codebook_size: int) -> Path:
+    """Diagnose the run from its final evaluation; write ``logs/dvae_fit.json`` and print it."""
+    diagnoses = diagnose_dvae(train_psnr=fit["train_psnr"], val_psnr=fit["val_psnr"], codes_used=fit["codes_used"],
+                              tokens=fit["tokens"], codebook_size=codebook_size)
+    codes = f"{fit['codes_used']} of {codebook_size} codes used"
+    if fit["val_psnr"] is None:
+        summary = (f"PSNR {fit['train_psnr']:.2f} dB on {n_probe} training images, {codes}, at step {fit['step']} "
+                   f"({n_train} training images; none held out for validation)")
+    else:
+        summary = (f"PSNR {fit['val_psnr']:.2f} dB on {n_val} validation images, {fit['train_psnr']:.2f} dB on "
+                   f"{n_probe} training images, {codes}, at step {fit['step']} ({n_train} training images)")
+    figures = {"train_items": n_train, "val_items": n_val, "codebook_size": codebook_size, **fit}
+    return write_fit_report(out_dir, "dvae", summary, figures, diagnoses)
 
 
 def _kept_log_rows(path: Path, step: int) -> list[dict[str, str]]:

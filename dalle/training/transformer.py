@@ -33,6 +33,13 @@ random states, so an interrupted run that is resumed ends bitwise identical (on 
 CPU) to one that was never interrupted.  ``minutes`` is turned into a step count
 before the first step by timing a few steps on a throw-away copy of the model, as the
 dVAE loop does, and is also a hard deadline for the whole run, resumes included.
+
+Validation: the last items of the token cache (the same images the dVAE and CLIP stages
+hold out, :func:`dalle.training.state.validation_split`) never enter a batch.  Every
+``sample_every`` steps the weight average's bits per image token are measured on them and
+on as many training items, logged side by side, and at the end of the run turned into a
+fit report (``logs/transformer_fit.json``, :func:`diagnose_transformer`) that says in
+plain words when the model memorises its training images instead of learning.
 """
 
 from __future__ import annotations
@@ -56,8 +63,8 @@ from dalle.data.preprocess import derive_seed, make_generator
 from dalle.sampling import generate_images_tokens, native_bf16
 from dalle.training import distributed as dd
 from dalle.training.distributed import DistInfo
-from dalle.training.state import (EMA, Checkpointer, NonFiniteGuard, budget_deadline, steps_in_budget, time_per_step,
-                                  warmup_cosine)
+from dalle.training.state import (EMA, Checkpointer, Diagnosis, NonFiniteGuard, budget_deadline, format_count, holdout,
+                                  spread, steps_in_budget, time_per_step, warmup_cosine, write_fit_report)
 from dalle.transformer import DalleTransformer
 
 ADAM_BETAS = (0.9, 0.96)
@@ -67,27 +74,51 @@ GRAD_CLIP = 4.0
 FINAL_LR_FRACTION = 0.1  # cosine decays to this fraction of the peak learning rate
 CHECKPOINT_EVERY = 500
 DATA_STREAM = 11  # mixes into the per-step seeds so this loop's draws differ from other loops'
+# ``loss``: the logged step's; ``mean_loss``: the mean over the steps since the previous row.
+# ``val_``/``train_bits_per_image_token``: the weight average on the validation items and on as
+# many training items; ``eval_bits_per_image_token`` repeats the validation figure for older
+# readers (empty when nothing is held out: it is never a training figure).
 CSV_FIELDS = ["step", "loss", "text_loss", "image_loss", "grad_norm", "lr", "tokens_per_s", "seconds",
-              "eval_bits_per_image_token"]  # fmt: skip
+              "eval_bits_per_image_token", "mean_loss", "val_bits_per_image_token",
+              "train_bits_per_image_token"]  # fmt: skip
+EVAL_ITEMS = 64  # training items evaluated when nothing is held out
+
+# Fit report thresholds (diagnose_transformer).  On one data distribution a model that
+# generalises costs about as many bits on unseen images as on its training images (a few
+# percent apart); 30% more, and at least 0.2 bits, means much of what it learned is specific
+# to the training images.  The evaluations reuse the same items, so a rise of 10% (and at
+# least 0.1 bits) from the best validation figure is the model getting worse, not noise.
+MEMORISING_RATIO = 1.3
+MEMORISING_GAP_BITS = 0.2
+RISING_RATIO = 1.1
+RISING_GAP_BITS = 0.1
+# A transformer stores at most about 2 bits per parameter (Allen-Zhu & Li 2024, "Physics of
+# language models 3.3"); ``log2(image_vocab)`` bits per image token bound what the training
+# images hold.  Where the first exceeds the second, the model can learn every image by heart.
+CAPACITY_BITS_PER_PARAMETER = 2.0
+# Above 90% of a uniform guess's bits even on the training images: it has barely started.
+UNTRAINED_FRACTION = 0.9
 
 
 # --- batches -----------------------------------------------------------------------------
 
 
 def batch_for_step(
-    dataset: Any, tokenizer: Any, seed: int, step: int, batch_size: int, info: DistInfo | None = None
+    dataset: Any, tokenizer: Any, seed: int, step: int, batch_size: int, info: DistInfo | None = None,
+    n_train: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Text ids ``[B, text_len]`` and image tokens ``[B, g, g]`` of step ``step``: a function of ``(seed, step)``.
 
     ``dataset[i]`` is ``(LongTensor[g, g], list[str])`` (a :class:`TokenCache` or any
-    sequence of such pairs); one caption per item is picked at random.  With ``info``
+    sequence of such pairs); one caption per item is picked at random.  Items are drawn
+    from the first ``n_train`` (default: all; the rest is the validation split).  With ``info``
     (several processes) ``batch_size`` is the global batch and this rank's contiguous
     slice of it is returned; only the slice is read and encoded.  Each item's caption
     and BPE dropout are drawn from ``(seed, step, its place in the global batch)``, so
     the slices of all ranks put together are exactly the one-process batch.
     """
     g = make_generator(seed, step, DATA_STREAM)
-    indices = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
+    indices = torch.randint(len(dataset) if n_train is None else n_train, (batch_size,), generator=g).tolist()
     places = range(batch_size) if info is None else dd.shard_batch_indices(range(batch_size), info)
     local = [indices[p] for p in places]
     if hasattr(dataset, "batch"):  # TokenCache: one read for the whole batch
@@ -225,14 +256,16 @@ def reduce_losses(loss: torch.Tensor, parts: dict[str, torch.Tensor], info: Dist
 
 @torch.no_grad()
 def evaluate_transformer(
-    model: DalleTransformer, dataset: Any, tokenizer: Any, n: int = 256, batch: int = 64
+    model: DalleTransformer, dataset: Any, tokenizer: Any, n: int = 256, batch: int = 64,
+    indices: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    """Held-out likelihood of the first ``n`` items, each with its first caption (no BPE dropout).
+    """Likelihood of the first ``n`` items (or of ``indices``), each with its first caption (no BPE dropout).
 
     Returns ``bits_per_image_token`` (the image cross-entropy in bits, averaged over all
     image tokens) and ``bits_per_text_token`` (over the non-padding text targets).
     """
-    n = min(n, len(dataset))
+    chosen = list(range(min(n, len(dataset)))) if indices is None else list(indices)
+    n = len(chosen)
     if n == 0:
         raise ValueError("evaluate_transformer needs a non-empty data set")
     was_training = model.training
@@ -242,7 +275,7 @@ def evaluate_transformer(
     image_count = text_count = 0
     try:
         for start in range(0, n, batch):
-            items = [dataset[i] for i in range(start, min(start + batch, n))]
+            items = [dataset[i] for i in chosen[start:start + batch]]
             images = torch.stack([torch.as_tensor(t) for t, _ in items]).long().to(device)
             text = tokenizer.encode_batch([caps[0] for _, caps in items], training=False).to(device)
             text_logits, image_logits = model(text, images)
@@ -260,6 +293,57 @@ def evaluate_transformer(
         "bits_per_image_token": image_nats / image_count / math.log(2),
         "bits_per_text_token": text_nats / max(text_count, 1) / math.log(2),
     }
+
+
+# --- fit report ----------------------------------------------------------------------------
+
+
+def diagnose_transformer(history: Sequence[dict[str, Any]], *, train_items: int, parameters: int, image_len: int,
+                         image_vocab: int) -> list[Diagnosis]:
+    """What the evaluations of a run say about its fit, in plain words (empty when all looks fine).
+
+    ``history``: the evaluations in step order, each ``{"step", "train", "val"}`` -- bits per
+    image token of the weight average on training items and on the validation items
+    (``val`` None when nothing was held out).  ``train_items``: the training part's size;
+    ``parameters``, ``image_len`` (tokens an image), ``image_vocab``: the model's.  The
+    thresholds are the module's constants (their comments say why).
+    """
+    if not history:
+        return []
+    last = history[-1]
+    train, val = float(last["train"]), last.get("val")
+    found = []
+    memorising = val is not None and val >= MEMORISING_RATIO * train and val - train >= MEMORISING_GAP_BITS
+    rising = None
+    scored = [(int(h["step"]), float(h["val"])) for h in history if h.get("val") is not None]
+    if val is not None and len(scored) >= 2:
+        best_step, best = min(scored, key=lambda sv: sv[1])  # the earliest of equal minima
+        if best_step < scored[-1][0] and val >= RISING_RATIO * best and val - best >= RISING_GAP_BITS:
+            rising = best_step, best
+    if memorising:
+        since = f", and rising since step {rising[0]} (best {rising[1]:.2f})" if rising else ""
+        found.append(Diagnosis("memorising", f"memorising: validation images cost {val:.2f} bits per image token "
+                               f"against {train:.2f} on training images{since} -- more data, fewer steps or a "
+                               "smaller preset would help"))
+    elif rising:
+        found.append(Diagnosis("validation_rising", f"overtraining: validation bits per image token rose from "
+                               f"{rising[1]:.2f} at step {rising[0]} to {val:.2f}; later steps made the model worse "
+                               f"on unseen images -- about {rising[0]} steps, or more data, would help"))
+    data_bits = train_items * image_len * math.log2(image_vocab)
+    capacity = CAPACITY_BITS_PER_PARAMETER * parameters
+    if data_bits < capacity and (val is None or memorising):
+        needed = math.ceil(capacity / (image_len * math.log2(image_vocab)))
+        found.append(Diagnosis("too_little_data", f"too little data: {train_items} training images "
+                               f"({format_count(train_items * image_len)} image tokens) for a "
+                               f"{format_count(parameters)}-parameter transformer, which can learn them all by "
+                               f"heart (it takes about {format_count(needed)} images to rule that out) -- more "
+                               "data or a smaller preset would help"))
+    uniform = math.log2(image_vocab)
+    if train >= UNTRAINED_FRACTION * uniform:
+        found.append(Diagnosis("undertrained", f"barely trained: {train:.2f} bits per image token even on training "
+                               f"images, near the {uniform:.1f} bits of a uniform guess -- train longer (more steps "
+                               "or minutes) or check the learning rate"))
+    return found
 
 
 def save_sample_grid(
@@ -351,14 +435,21 @@ def train_transformer(
     progress: bool = True,
     strategy: str = "ddp",
     compile: bool = False,
+    val_items: int | None = None,
 ) -> Path:
     """Train the transformer of ``config`` on ``token_cache``; return ``out_dir/"transformer"``.
 
     ``steps`` (default ``config.train.transformer_steps``) sets the schedules' length;
     with ``minutes`` alone the step count is estimated from a timing probe, with both it
-    is the smaller.  ``eval_dataset`` (default: the training set) feeds the logged
-    held-out bits per image token and, with ``dvae`` given, the sample grids written to
-    ``out_dir/samples`` every ``sample_every`` steps.  ``stop_after`` ends the run early,
+    is the smaller.  Validation: the last ``val_items`` items of ``token_cache`` (default:
+    the config's split of its length, :func:`dalle.training.state.validation_split`) are
+    held out of training; ``dalle train`` passes the split of the source data set, so that
+    the same images are held out as in the dVAE and CLIP stages.  ``eval_dataset``
+    instead gives a separate validation set (then nothing is held out).  Every
+    ``sample_every`` steps the weight average is evaluated on the validation items and as
+    many training items (logged), and with ``dvae`` given sample grids of validation
+    captions are written to ``out_dir/samples``; a finished run writes its fit report
+    (``logs/transformer_fit.json``, printed too).  ``stop_after`` ends the run early,
     checkpointed, as an interruption would (for tests); ``resume`` continues from the
     newest checkpoint in ``out_dir/checkpoints/transformer``.  ``autocast``: None = bf16
     where supported natively, True/False to force.  The weight average is exported to
@@ -384,7 +475,16 @@ def train_transformer(
         raise ValueError(f"transformer_batch={batch_size} must be divisible by grad_accum={grad_accum} times the "
                          f"{info.world_size} processes (each step splits its batch into equal micro-batches)")
     _check_data(token_cache, tokenizer, config)
-    eval_dataset = token_cache if eval_dataset is None else eval_dataset
+    if eval_dataset is not None and val_items is not None:
+        raise ValueError("give eval_dataset (a separate validation set) or val_items (held out of the token cache), "
+                         "not both")
+    if eval_dataset is None:
+        n_train, val_indices = holdout(len(token_cache), train_cfg, val_items, "transformer", warn=info.is_main)
+        val_data = token_cache
+    else:
+        n_train, val_data = len(token_cache), eval_dataset
+        val_indices = range(min(len(eval_dataset), train_cfg.val_max))
+    train_probe = spread(n_train, len(val_indices) or EVAL_ITEMS)  # as many training items as validation ones
     amp = autocast_context(device, autocast)
     start_time = time.perf_counter()
     main = info.is_main
@@ -401,7 +501,7 @@ def train_transformer(
     total_hint = None
     if minutes is not None and not resume:
         total_hint = _estimate_total(model, token_cache, tokenizer, seed, batch_size, grad_accum, amp, minutes,
-                                     steps, info)
+                                     steps, info, n_train)
     # The weight average: a whole copy (made before compiling, for the same reason), or under
     # FSDP shards of it, made from the sharded parameters.
     ema: Any = None if sharded else EMA(model, train_cfg.ema_decay)
@@ -415,6 +515,7 @@ def train_transformer(
     optimizer = make_optimizer(model, train_cfg.transformer_lr)
 
     step, total, elapsed_before = 0, None, 0.0
+    window_sum, window_count = 0.0, 0  # the losses of the steps since the last logged row
     if resume:
         restored = _load_checkpoint(checkpointer, model, ema, optimizer, sharded)
         if restored is None:
@@ -423,12 +524,13 @@ def train_transformer(
         else:
             step, extra = restored
             total, elapsed_before = int(extra["total_steps"]), float(extra.get("seconds", 0.0))
+            window_sum, window_count = extra.get("window_loss", (0.0, 0))
             if steps is not None and steps != total and main:
                 warnings.warn(f"resuming a {total}-step run: steps={steps} ignored (the schedules keep their length)",
                               stacklevel=2)
         if total is None and minutes is not None:
             total = _estimate_total(model, token_cache, tokenizer, seed, batch_size, grad_accum, amp, minutes,
-                                    steps, info)
+                                    steps, info, n_train)
     if total is None:
         total = total_hint if total_hint is not None else (steps if steps is not None else train_cfg.transformer_steps)
     warmup = warmup_steps(train_cfg.transformer_warmup, total)
@@ -437,6 +539,7 @@ def train_transformer(
 
     log_path = out_dir / "logs" / "transformer.csv"
     log_file = log = None
+    history: list[dict[str, Any]] = []  # the evaluations so far (rank 0), for the fit report
     if main:
         rows = _kept_log_rows(log_path, step) if resume else []
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -444,7 +547,11 @@ def train_transformer(
         log = csv.DictWriter(log_file, fieldnames=CSV_FIELDS)
         log.writeheader()
         log.writerows({k: r.get(k, "") for k in CSV_FIELDS} for r in rows)
-    sample_captions = [eval_dataset[i][1][0] for i in range(min(4, len(eval_dataset)))]
+        history = [{"step": int(r["step"]), "train": float(r["train_bits_per_image_token"]),
+                    "val": float(r["val_bits_per_image_token"]) if r.get("val_bits_per_image_token") else None}
+                   for r in rows if r.get("train_bits_per_image_token")]
+    shown = [(val_data, i) for i in val_indices[:4]] or [(token_cache, i) for i in train_probe[:4]]
+    sample_captions = [data[i][1][0] for data, i in shown]  # unseen captions where there are some
     tokens_per_step = batch_size * (tcfg.seq_len - 1)
 
     saved_step, time_up = step, False
@@ -452,7 +559,7 @@ def train_transformer(
     def save_checkpoint() -> None:
         nonlocal saved_step
         extra = {"total_steps": total, "seed": seed, "seconds": elapsed_before + time.perf_counter() - start_time,
-                 "world_size": info.world_size, "strategy": strategy}
+                 "world_size": info.world_size, "strategy": strategy, "window_loss": [window_sum, window_count]}
         if sharded:  # gather full tensors on every rank (collective), then rank 0 writes them
             modules: dict[str, Any] = {"model": dd.StateHolder(dd.full_state_dict(model)),
                                        "ema": dd.StateHolder(ema.state_dict())}
@@ -476,6 +583,16 @@ def train_transformer(
         average.load_state_dict(state)
         return average
 
+    def evaluate_fit(average: DalleTransformer) -> dict[str, Any]:
+        """Bits per image token of ``average`` on the training probe and the validation items (rank 0)."""
+        entry: dict[str, Any] = {"step": step, "train": round(evaluate_transformer(
+            average, token_cache, tokenizer, indices=train_probe)["bits_per_image_token"], 4), "val": None}
+        if val_indices:
+            entry["val"] = round(evaluate_transformer(
+                average, val_data, tokenizer, indices=val_indices)["bits_per_image_token"], 4)
+        history.append(entry)
+        return entry
+
     bar = _progress(step, end, progress and main)
     window_start, window_steps = time.perf_counter(), 0
     try:
@@ -493,7 +610,7 @@ def train_transformer(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             text, images = batch_for_step(token_cache, tokenizer, seed, step, batch_size,
-                                          info if info.distributed else None)
+                                          info if info.distributed else None, n_train)
             text, images = text.to(device, non_blocking=True), images.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss, parts = _guarded_step(model, text, images, grad_accum, amp, wrapped, info, compile)
@@ -507,10 +624,12 @@ def train_transformer(
                 # Bias-corrected warm-up of the average: early weights are forgotten fast.
                 ema.decay = min(train_cfg.ema_decay, (1 + step) / (10 + step))
                 ema.update(model)
+                window_sum += float(loss)
+                window_count += 1
             step += 1
             window_steps += 1
 
-            if step % log_every == 0 or step == end:
+            if step % log_every == 0 or step % sample_every == 0 or step == end:
                 now = time.perf_counter()
                 row: dict[str, Any] = {
                     "step": step, "loss": round(float(loss), 5), "text_loss": round(float(parts["text_loss"]), 5),
@@ -518,12 +637,15 @@ def train_transformer(
                     "lr": round(lr, 8),
                     "tokens_per_s": round(window_steps * tokens_per_step / max(now - window_start, 1e-9)),
                     "seconds": round(elapsed_before + now - start_time, 1),
+                    "mean_loss": round(window_sum / window_count, 5) if window_count else "",
                 }
                 if step % sample_every == 0 or step == end:
                     average = averaged_model()
                     if average is not None:
-                        row["eval_bits_per_image_token"] = round(
-                            evaluate_transformer(average, eval_dataset, tokenizer, n=64)["bits_per_image_token"], 4)
+                        entry = evaluate_fit(average)
+                        row["train_bits_per_image_token"] = entry["train"]
+                        if entry["val"] is not None:
+                            row["val_bits_per_image_token"] = row["eval_bits_per_image_token"] = entry["val"]
                         if dvae is not None:
                             save_sample_grid(average, dvae, tokenizer, sample_captions,
                                              out_dir / "samples" / f"transformer_step{step:06d}.png", seed=seed)
@@ -535,6 +657,7 @@ def train_transformer(
                     bar.set_postfix(loss=f"{row['loss']:.3f}", img=f"{row['image_loss']:.3f}",
                                     tok_s=row["tokens_per_s"])
                 window_start, window_steps = time.perf_counter(), 0
+                window_sum, window_count = 0.0, 0
             if bar is not None:
                 bar.update(1)
             if step % checkpoint_every == 0 or step == end:
@@ -554,6 +677,10 @@ def train_transformer(
         plot_losses(log_path, log_path.with_suffix(".png"))
         if average is not None:
             average.float().save_pretrained(export)
+            if not history or history[-1]["step"] != step:  # stopped by the time budget after the last evaluation
+                evaluate_fit(average)
+            _fit_report(out_dir, history, n_train=n_train, n_val=len(val_indices), n_probe=len(train_probe),
+                        parameters=sum(p.numel() for p in average.parameters()), batch_size=batch_size, config=config)
     dd.barrier(info)
     if not sharded:  # replicated weights must agree bit for bit; a drift is a bug worth reporting loudly
         dd.check_replicas_identical(model, info, "model")
@@ -561,12 +688,35 @@ def train_transformer(
     return export
 
 
+def _fit_report(out_dir: Path, history: list[dict[str, Any]], *, n_train: int, n_val: int, n_probe: int,
+                parameters: int, batch_size: int, config: DalleConfig) -> Path:
+    """Diagnose the run from its evaluations; write ``logs/transformer_fit.json`` and print it."""
+    tcfg = config.transformer
+    last = history[-1]
+    passes = last["step"] * batch_size / n_train
+    diagnoses = diagnose_transformer(history, train_items=n_train, parameters=parameters, image_len=tcfg.image_len,
+                                     image_vocab=tcfg.image_vocab)
+    seen = f"{n_train} training images, each seen {passes:.1f} times"
+    if last["val"] is None:
+        summary = (f"{last['train']:.3f} bits per image token on {n_probe} training images at step {last['step']} "
+                   f"({seen}; none held out for validation)")
+    else:
+        summary = (f"{last['val']:.3f} bits per image token on {n_val} validation images, {last['train']:.3f} on "
+                   f"{n_probe} training images at step {last['step']} ({seen})")
+    figures = {"step": last["step"], "train_items": n_train, "val_items": n_val, "parameters": parameters,
+               "passes": round(passes, 2), "val_bits_per_image_token": last["val"],
+               "train_bits_per_image_token": last["train"], "history": history}
+    return write_fit_report(out_dir, "transformer", summary, figures, diagnoses)
+
+
 def _estimate_total(model: DalleTransformer, dataset: Any, tokenizer: Any, seed: int, batch_size: int,
-                    grad_accum: int, amp: Any, minutes: float, steps: int | None, info: DistInfo) -> int:
+                    grad_accum: int, amp: Any, minutes: float, steps: int | None, info: DistInfo,
+                    n_train: int | None = None) -> int:
     """The step count that fits ``minutes``: timed by rank 0 on its share of a batch, then shared."""
     total = None
     if info.is_main:
-        text, images = batch_for_step(dataset, tokenizer, seed, 0, batch_size, info if info.distributed else None)
+        text, images = batch_for_step(dataset, tokenizer, seed, 0, batch_size, info if info.distributed else None,
+                                      n_train)
         fit, per_step = estimate_steps(model, text.to(info.device), images.to(info.device), minutes, grad_accum, amp)
         total = fit if steps is None else min(steps, fit)
         print(f"transformer: {per_step:.3f} s a step -> {total} steps in {minutes:g} minutes")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
 from dataclasses import dataclass, field
 
@@ -12,7 +13,8 @@ from PIL import Image
 
 from dalle.clip import CLIP
 from dalle.config import CLIPConfig, DalleConfig, TrainConfig
-from dalle.training.clip import caption_positives, draw_batch, evaluate_clip, image_to_tensor, train_clip
+from dalle.training.clip import (caption_positives, diagnose_clip, draw_batch, evaluate_clip, image_to_tensor,
+                                 retrieval_at_1, train_clip)
 
 COLOURS = {"red": (230, 25, 25), "blue": (40, 70, 230)}
 SIDES = ("left", "right")
@@ -121,6 +123,16 @@ def test_training_learns_colour_and_side_and_writes_its_files(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == list(range(10, 151, 10))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    # The last 12 of the 64 items were held out; with four scenes, a trained model finds a
+    # fitting image for every caption, on unseen items as on training ones.
+    fit = json.loads((tmp_path / "logs" / "clip_fit.json").read_text())
+    assert (fit["train_items"], fit["val_items"], fit["pool"]) == (52, 12, 12)
+    assert fit["val_r_at_1"] >= 0.9 and fit["train_r_at_1"] >= 0.9 and fit["diagnoses"] == [], fit
+    assert float(rows[-1]["val_r_at_1"]) == fit["val_r_at_1"] and not rows[0]["val_r_at_1"]
+    assert float(rows[-1]["mean_loss"]) > 0
+    untrained = CLIP(toy_config().clip)
+    r1, captions = retrieval_at_1(untrained, data, range(52, 64), TOKENIZER, pool=12)
+    assert captions == 12 and r1 < fit["val_r_at_1"]
 
     held_out = toy_dataset(40, seed=99)
     metrics = evaluate_clip(model, held_out, TOKENIZER, n=40, seed=0)
@@ -166,6 +178,11 @@ def test_resume_is_exact(tmp_path):
     with open(tmp_path / "b" / "logs" / "clip.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f)]
     assert steps == [2, 4, 6, 7], "the log keeps one row per step, none repeated after the resume"
+    rows = lambda p: [{k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+                      for r in csv.DictReader(open(p / "logs" / "clip.csv"))]
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")  # mean losses and retrieval included
+    fit = lambda p: json.loads((p / "logs" / "clip_fit.json").read_text())  # noqa: E731
+    assert fit(tmp_path / "a") == fit(tmp_path / "b") and fit(tmp_path / "a")["val_items"] == 4
 
 
 def test_minutes_budget_stops_and_saves(tmp_path):
@@ -267,3 +284,29 @@ def test_shapes_training_with_twins_resumes_exactly(tmp_path):
     resumed = CLIP.from_pretrained(train_clip(data, tokenizer, tmp_path / "b", config, resume=True))
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def clip_codes(**figures) -> set[str]:
+    figures = {"train_r1": 0.8, "val_r1": 0.75, "pool": 16, "captions": 64, **figures}
+    found = diagnose_clip(**figures)
+    assert all(d.message for d in found)
+    return {d.code for d in found}
+
+
+def test_diagnose_clip_quiet_on_a_healthy_run():
+    assert clip_codes() == set()
+    assert clip_codes(val_r1=None) == set()
+
+
+def test_diagnose_clip_near_chance():
+    assert clip_codes(train_r1=0.1, val_r1=0.08) == {"near_chance"}  # chance among 16 is 6%
+    assert clip_codes(train_r1=0.1, val_r1=None) == {"near_chance"}  # judged on training captions then
+    assert clip_codes(train_r1=0.3, val_r1=0.25) == set()
+    assert clip_codes(train_r1=0.3, val_r1=0.3, pool=4) == {"near_chance"}  # chance among 4 is 25%
+
+
+def test_diagnose_clip_memorising_beyond_the_noise():
+    assert clip_codes(train_r1=0.95, val_r1=0.5) == {"memorising"}
+    assert clip_codes(train_r1=0.9, val_r1=0.75) == set()  # 15 points: within the margin
+    # 100% against 50% on two captions each is a coin toss, not evidence.
+    assert clip_codes(train_r1=1.0, val_r1=0.5, captions=2) == set()

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from dalle.config import get_preset
 from dalle.data.shapes import ShapesDataset
 from dalle.dvae import DiscreteVAE
-from dalle.training.dvae import batch_for_step, evaluate_dvae, fixed_images, reconstruct, schedules, train_dvae
+from dalle.training.dvae import (batch_for_step, diagnose_dvae, evaluate_dvae, fixed_images, reconstruct, schedules,
+                                 train_dvae)
 
 
 @pytest.fixture(autouse=True)
@@ -129,3 +130,73 @@ def test_bad_arguments_are_named(tmp_path, data):
         train_dvae([], tmp_path, small_config(), steps=1, progress=False)
     with pytest.raises(ValueError, match="steps"):
         train_dvae(train, tmp_path, small_config(), steps=0, progress=False)
+
+
+# --- validation split and fit report ------------------------------------------------------
+
+
+def test_held_out_tail_is_logged_and_reported(tmp_path, data):
+    train, _ = data  # 64 items: the last 12 are held out
+    cfg = small_config("vq")
+    train_dvae(train, tmp_path, cfg, steps=4, log_every=2, sample_every=2, progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "dvae.csv")))
+    assert [r["step"] for r in rows] == ["2", "4"]
+    for r in rows:
+        assert r["val_psnr"] == r["eval_psnr"] and r["val_usage"] == r["eval_usage"]  # older readers: validation
+        assert float(r["val_psnr"]) > 0 and float(r["train_psnr"]) > 0 and float(r["mean_loss"]) > 0
+    fit = json.loads((tmp_path / "logs" / "dvae_fit.json").read_text())
+    assert (fit["train_items"], fit["val_items"], fit["step"]) == (52, 12, 4)
+    assert fit["val_psnr"] == float(rows[-1]["val_psnr"]) and fit["tokens"] == 2 * 12 * 64
+    # Four steps of a dVAE reconstruct nothing yet: the report must say so.
+    assert "blurry" in {d["code"] for d in fit["diagnoses"]}
+
+
+def test_loss_window_survives_a_resume_between_rows(tmp_path, data):
+    train, val = data
+    cfg = small_config("vq")
+    kw = dict(steps=6, log_every=2, sample_every=100, checkpoint_every=3, eval_dataset=val, progress=False)
+    train_dvae(train, tmp_path / "a", cfg, **kw)
+    # A run killed after step 3 (checkpointed, no row there): its step-4 row averages steps 3 and 4.
+    import shutil
+
+    shutil.copytree(tmp_path / "a" / "logs", tmp_path / "b" / "logs")
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "dvae" / "step_00000003",
+                    tmp_path / "b" / "checkpoints" / "dvae" / "step_00000003")
+    train_dvae(train, tmp_path / "b", cfg, resume=True, **kw)
+    rows = lambda p: [{k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+                      for r in csv.DictReader(open(p / "logs" / "dvae.csv"))]
+    assert rows(tmp_path / "a") == rows(tmp_path / "b")
+    assert all(r["mean_loss"] for r in rows(tmp_path / "a"))
+    fit = lambda p: json.loads((p / "logs" / "dvae_fit.json").read_text())  # noqa: E731
+    assert fit(tmp_path / "a") == fit(tmp_path / "b")
+
+
+def dvae_codes(**figures) -> set[str]:
+    figures = {"train_psnr": 30.0, "val_psnr": 29.5, "codes_used": 400, "tokens": 2048, "codebook_size": 512,
+               **figures}
+    found = diagnose_dvae(**figures)
+    assert all(d.message for d in found)
+    return {d.code for d in found}
+
+
+def test_diagnose_dvae_quiet_on_a_healthy_run():
+    assert dvae_codes() == set()
+    assert dvae_codes(val_psnr=None) == set()
+
+
+def test_diagnose_dvae_codebook_collapse():
+    assert dvae_codes(codes_used=100) == {"codebook_collapse"}  # 20% of 512 on 2048 tokens
+    assert dvae_codes(codes_used=150) == set()
+    # 8 images of 64 tokens cannot show a healthy spread over 512 codes: no verdict.
+    assert dvae_codes(codes_used=20, tokens=512) == set()
+
+
+def test_diagnose_dvae_blurry_reconstructions():
+    assert dvae_codes(train_psnr=18.5, val_psnr=18.0) == {"blurry"}
+    assert dvae_codes(train_psnr=18.0, val_psnr=None) == {"blurry"}  # judged on training images then
+    assert dvae_codes(train_psnr=21.0, val_psnr=20.5) == set()
+
+
+def test_diagnose_dvae_memorising():
+    assert dvae_codes(train_psnr=31.0, val_psnr=27.5) == {"memorising"}  # 3.5 dB: over twice the error
+    assert dvae_codes(train_psnr=31.0, val_psnr=29.0) == set()

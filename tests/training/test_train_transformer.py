@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ from safetensors.torch import load_file
 from dalle.config import get_preset
 from dalle.dvae import DiscreteVAE
 from dalle.tokenizer import TextTokenizer
-from dalle.training.transformer import batch_for_step, evaluate_transformer, make_optimizer, train_transformer
+from dalle.training.transformer import (batch_for_step, diagnose_transformer, evaluate_transformer, make_optimizer,
+                                        train_transformer)
 from dalle.transformer import DalleTransformer
 
 SCENES = {  # caption words -> the token every grid cell holds, plus a stripe
@@ -75,7 +78,13 @@ def test_training_lowers_the_loss_logs_samples_and_exports(setup, tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(1, 41))
     first, last = float(rows[0]["image_loss"]), float(rows[-1]["image_loss"])
     assert last < 0.6 * first, (first, last)
-    assert float(rows[-1]["eval_bits_per_image_token"]) < 0.75 * first / 0.6931  # nats -> bits
+    assert float(rows[-1]["train_bits_per_image_token"]) < 0.75 * first / 0.6931  # nats -> bits
+    # 12 items are too few to hold any out: no validation figure, and the old column stays empty
+    # rather than showing a training figure under a held-out name.
+    assert rows[-1]["val_bits_per_image_token"] == rows[-1]["eval_bits_per_image_token"] == ""
+    assert float(rows[-1]["mean_loss"]) == float(rows[-1]["loss"])  # log_every=1: a window of one step
+    fit = json.loads((tmp_path / "logs" / "transformer_fit.json").read_text())
+    assert fit["val_items"] == 0 and fit["train_items"] == 12 and fit["val_bits_per_image_token"] is None
     assert (tmp_path / "samples" / "transformer_step000040.png").is_file()
     assert (tmp_path / "logs" / "transformer.png").is_file()
     model = DalleTransformer.from_pretrained(out)
@@ -88,20 +97,37 @@ def test_training_lowers_the_loss_logs_samples_and_exports(setup, tmp_path):
 def test_resume_is_bitwise_identical(setup, tmp_path):
     config, data, tokenizer = setup
     config.train.grad_accum = 2  # exercise accumulation too
+    kw = dict(steps=6, log_every=2, sample_every=2, checkpoint_every=3, val_items=3, progress=False)
     try:
-        straight = train_transformer(data, tokenizer, tmp_path / "a", config, steps=6, log_every=1, progress=False)
-        partial = train_transformer(data, tokenizer, tmp_path / "b", config, steps=6, log_every=1, stop_after=3,
-                                    progress=False)
+        straight = train_transformer(data, tokenizer, tmp_path / "a", config, **kw)
+        partial = train_transformer(data, tokenizer, tmp_path / "b", config, stop_after=3, **kw)
         assert not partial.exists()  # an interrupted run exports nothing
-        resumed = train_transformer(data, tokenizer, tmp_path / "b", config, steps=6, log_every=1, resume=True,
-                                    progress=False)
+        resumed = train_transformer(data, tokenizer, tmp_path / "b", config, resume=True, **kw)
+        # A run killed between two rows: the straight run's step-3 checkpoint, resumed.  Its
+        # first row (step 4) averages the losses of steps 3 and 4, so the loss window must
+        # come back from the checkpoint.
+        shutil.copytree(tmp_path / "a" / "logs", tmp_path / "c" / "logs")
+        shutil.copytree(tmp_path / "a" / "checkpoints" / "transformer" / "step_00000003",
+                        tmp_path / "c" / "checkpoints" / "transformer" / "step_00000003")
+        killed = train_transformer(data, tokenizer, tmp_path / "c", config, resume=True, **kw)
     finally:
         config.train.grad_accum = 1
-    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    losses = lambda p: [r["loss"] for r in read_log(p / "logs" / "transformer.csv")]  # noqa: E731
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    a = load_file(straight / "model.safetensors")
+    for other in (resumed, killed):
+        b = load_file(other / "model.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    timeless = lambda p: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "seconds")}  # noqa: E731
+                          for r in read_log(p / "logs" / "transformer.csv")]
+    assert [r["step"] for r in timeless(tmp_path / "b")] == ["2", "3", "4", "6"]  # the cut run's row kept
+    assert [r["loss"] for r in timeless(tmp_path / "a")] == [r["loss"] for r in timeless(tmp_path / "b")
+                                                              if r["step"] != "3"]
+    assert timeless(tmp_path / "a") == timeless(tmp_path / "c")
+    assert all(r["val_bits_per_image_token"] and r["mean_loss"] for r in timeless(tmp_path / "a"))
+    fit = lambda p: json.loads((p / "logs" / "transformer_fit.json").read_text())  # noqa: E731
+    assert fit(tmp_path / "a") == fit(tmp_path / "c")
+    assert fit(tmp_path / "a")["val_items"] == 3
+    assert fit(tmp_path / "a")["val_bits_per_image_token"] == fit(tmp_path / "b")["val_bits_per_image_token"]
 
 
 def test_bad_arguments_raise_clear_errors(setup, tmp_path):
@@ -113,3 +139,106 @@ def test_bad_arguments_raise_clear_errors(setup, tmp_path):
         train_transformer(wrong_grid, tokenizer, tmp_path, config, steps=1, progress=False)
     with pytest.raises(ValueError, match="steps"):
         train_transformer(data, tokenizer, tmp_path, config, steps=0, progress=False)
+
+
+# --- validation split and fit report ------------------------------------------------------
+
+
+def test_batches_never_draw_the_held_out_tail(setup):
+    _, data, tokenizer = setup  # item i is told apart by its row of tokens 100 + i
+    drawn = set()
+    for step in range(60):
+        _, images = batch_for_step(data, tokenizer, 0, step, 8, n_train=9)
+        drawn.update(int(t) - 100 for t in images.amax(dim=(1, 2)))
+    assert drawn == set(range(9))  # every training item, and none of the last three
+
+
+def noisy_scenes(n: int, noise: float = 0.5, seed: int = 0) -> list[tuple[torch.Tensor, list[str]]]:
+    """Each item: its caption's scene token, with about ``noise`` of the cells replaced by random codes.
+
+    The scene is learnable from the caption; the noise is not, except by heart.
+    """
+    g = torch.Generator().manual_seed(seed)
+    scenes = list(SCENES.items())
+    items = []
+    for i in range(n):
+        words, code = scenes[i % len(scenes)]
+        tokens = torch.full((8, 8), code, dtype=torch.long)
+        replaced = torch.rand(8, 8, generator=g) < noise
+        tokens[replaced] = torch.randint(512, (8, 8), generator=g)[replaced]
+        items.append((tokens, [f"a {words}", f"one {words}"]))
+    return items
+
+
+@pytest.mark.parametrize("items, steps, memorises", [(24, 300, True), (400, 150, False)])
+def test_fit_report_names_memorising_on_a_small_set_only(setup, tmp_path, items, steps, memorises):
+    """End to end: the tiny preset on 24 items (4 held out) for 120 passes learns their noise by heart
+    and the report says so; on 400 items for 3 passes it generalises and the report is quiet."""
+    config, _, _ = setup
+    data = noisy_scenes(items)
+    tokenizer = TextTokenizer.train([c for _, caps in data for c in caps], config.tokenizer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and far faster on a busy machine
+    try:
+        train_transformer(data, tokenizer, tmp_path, config, steps=steps, log_every=1000, sample_every=steps // 5,
+                          autocast=False, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    fit = json.loads((tmp_path / "logs" / "transformer_fit.json").read_text())
+    codes = {d["code"] for d in fit["diagnoses"]}
+    assert fit["val_items"] == (4 if items == 24 else 16)
+    assert len(fit["history"]) == 5
+    if memorises:
+        assert {"memorising", "too_little_data"} <= codes, fit
+        assert fit["val_bits_per_image_token"] > 2 * fit["train_bits_per_image_token"]
+        assert "rising since step" in next(d["message"] for d in fit["diagnoses"] if d["code"] == "memorising")
+    else:
+        assert not codes, fit
+        assert fit["val_bits_per_image_token"] < 1.1 * fit["train_bits_per_image_token"]
+
+
+def history(*points: tuple[float, float | None]) -> list[dict]:
+    """Evaluations every 100 steps: (training bits, validation bits) each."""
+    return [{"step": 100 * (i + 1), "train": t, "val": v} for i, (t, v) in enumerate(points)]
+
+
+def diagnoses(*points, train_items=100_000, parameters=1_000_000) -> set[str]:
+    found = diagnose_transformer(history(*points), train_items=train_items, parameters=parameters, image_len=64,
+                                 image_vocab=512)
+    assert all(d.message for d in found)
+    return {d.code for d in found}
+
+
+def test_diagnose_transformer_quiet_on_a_healthy_run():
+    assert diagnoses((4.0, 4.1), (3.0, 3.1), (2.0, 2.1)) == set()
+    assert diagnoses((2.0, None)) == set()  # nothing held out, but plenty of data for the model
+    assert diagnose_transformer([], train_items=1, parameters=1, image_len=1, image_vocab=2) == []
+
+
+def test_diagnose_transformer_memorising_needs_a_ratio_and_a_gap():
+    assert diagnoses((3.0, 3.0), (1.2, 3.1)) == {"memorising"}
+    assert diagnoses((2.0, 2.5)) == set()  # 25% more on unseen images: within the margin
+    assert diagnoses((0.1, 0.25)) == set()  # 2.5 times, but 0.15 bits: both near perfect
+
+
+def test_diagnose_transformer_rising_validation():
+    # Validation got worse since step 200 while training kept improving: overtraining.
+    assert diagnoses((3.0, 3.0), (2.4, 2.5), (2.6, 2.9)) == {"validation_rising"}
+    assert diagnoses((3.0, 3.0), (2.4, 2.5), (2.5, 2.6)) == set()  # 4% above its best: not a trend
+    assert diagnoses((3.0, 3.0), (2.4, 2.5), (2.3, 2.4)) == set()  # still improving
+    found = diagnose_transformer(history((3.0, 3.0), (1.5, 2.5), (1.0, 3.2)), train_items=100_000,
+                                 parameters=1_000_000, image_len=64, image_vocab=512)
+    assert [d.code for d in found] == ["memorising"] and "rising since step 200 (best 2.50)" in found[0].message
+
+
+def test_diagnose_transformer_too_little_data():
+    # 20 images x 64 tokens x 9 bits = 11.5 kbit of data for 190 kbit of capacity.
+    assert diagnoses((2.0, None), train_items=20, parameters=95_000) == {"too_little_data"}  # nothing held out
+    assert diagnoses((1.0, 3.0), train_items=20, parameters=95_000) == {"memorising", "too_little_data"}
+    assert diagnoses((2.0, 2.1), train_items=20, parameters=95_000) == set()  # it generalises: say nothing
+    assert diagnoses((2.0, None), train_items=100_000, parameters=95_000) == set()
+
+
+def test_diagnose_transformer_barely_trained():
+    assert diagnoses((8.5, 8.6)) == {"undertrained"}  # a uniform guess over 512 codes is 9 bits
+    assert diagnoses((7.0, 7.2)) == set()
