@@ -192,7 +192,8 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
             # dVAE and CLIP hold out; the count comes from the data set itself, because items the
             # cache left out (bad images) would otherwise shift the split's size.  None: too small
             # to split, which the loop says itself.
-            _, held_out = holdout(len(dataset), config.train, stage="transformer", warn=False)
+            n_items = len(cache) if _streamed(dataset) else len(dataset)
+            _, held_out = holdout(n_items, config.train, stage="transformer", warn=False)
             val_items = min(len(held_out), len(cache) - 1) if held_out else None
             train_transformer(cache, tokenizer, out, config, minutes=budget, dvae=dvae, strategy=strategy,
                               compile=compile, val_items=val_items, **common)
@@ -204,6 +205,13 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
             raise ConfigError(f"unknown component {stage}")
     log(f"done in {(time.time() - started) / 60:.1f} min")
     return out
+
+
+def _streamed(dataset) -> bool:
+    """A stream (WebDataset URLs, compressed shards) has no length: the token cache is then the data set."""
+    from torch.utils.data import IterableDataset
+
+    return isinstance(dataset, IterableDataset)
 
 
 def stage_complete(folder: Path) -> bool:
