@@ -31,7 +31,6 @@ finished run writes a fit report (``logs/clip_fit.json``, :func:`diagnose_clip`)
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import re
@@ -51,7 +50,7 @@ from dalle.config import DalleConfig
 from dalle.data.preprocess import derive_seed, eval_transform
 from dalle.training import distributed as dd
 from dalle.training.distributed import DistInfo
-from dalle.training.state import (Checkpointer, Diagnosis, NonFiniteGuard, holdout, spread, step_generator,
+from dalle.training.state import (Checkpointer, CsvLog, Diagnosis, NonFiniteGuard, holdout, spread, step_generator,
                                   warmup_cosine, write_fit_report)
 
 # ``loss``: the logged step's; ``mean_loss``: the mean over the steps since the previous row;
@@ -139,20 +138,6 @@ def _optimizer(model: CLIP, lr: float) -> torch.optim.AdamW:
 
 def _warmup_steps(total: int) -> int:
     return max(1, min(200, total // 10))
-
-
-def _prepare_log(path: Path, resume_step: int | None) -> list[dict[str, str]]:
-    """Start ``path`` afresh, or on resume keep only the rows up to the resumed step (returned)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, str]] = []
-    if resume_step is not None and path.is_file():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in LOG_FIELDS} for r in rows)
-    return rows
 
 
 # --- data parallelism: every negative of the global batch on every rank -------------------
@@ -412,8 +397,6 @@ def train_clip(
             total = int(extra.get("total_steps", total))
             fit_to_budget = False  # the schedule was fixed by the run that wrote the checkpoint
     log_path = out_dir / "logs" / "clip.csv"
-    if main:
-        _prepare_log(log_path, start if loaded is not None else None)
 
     def save_checkpoint(step: int, wait: bool = True) -> None:
         if main:
@@ -438,9 +421,8 @@ def train_clip(
     step = start
     t_probe = time.monotonic()
     bar = tqdm(total=total, initial=start, desc="clip", unit="step", mininterval=1.0, disable=not main)
-    log_file = open(log_path, "a", newline="") if main else None
+    log = CsvLog(log_path, LOG_FIELDS, start if loaded is not None else None) if main else None
     try:
-        log = csv.DictWriter(log_file, LOG_FIELDS) if log_file is not None else None
         while step < total:
             if deadline is not None:
                 out_of_time = time.monotonic() >= deadline
@@ -486,7 +468,7 @@ def train_clip(
                 acc = _batch_accuracy(model, text_ids, images, positives, info)
                 if main and evaluating:
                     last_fit = evaluate_fit(step)
-                if log is not None and log_file is not None:
+                if log is not None:
                     scale = float(model.logit_scale.detach().exp())
                     row = {"step": step, "loss": f"{loss.item():.5f}", "lr": f"{lr:.3e}",
                            "logit_scale": f"{scale:.3f}", "batch_acc": f"{acc.item():.4f}",
@@ -496,8 +478,7 @@ def train_clip(
                         row["train_r_at_1"] = f"{last_fit['train_r_at_1']:.4f}"
                         if last_fit["val_r_at_1"] is not None:
                             row["val_r_at_1"] = f"{last_fit['val_r_at_1']:.4f}"
-                    log.writerow(row)
-                    log_file.flush()
+                    log.write(row)
                 if evaluating:
                     dd.barrier(info)  # the other ranks wait for rank 0's evaluation
                 window_sum, window_count = 0.0, 0
@@ -519,8 +500,8 @@ def train_clip(
         raise
     finally:
         bar.close()
-        if log_file is not None:
-            log_file.close()
+        if log is not None:
+            log.close()
     save_checkpoint(step)
     model.eval()
     folder = out_dir / "clip"

@@ -50,7 +50,6 @@ reconstructions, memorised training images.
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import time
 import warnings
@@ -69,8 +68,8 @@ from dalle.dvae import (DiscreteVAE, GumbelQuantizer, VectorQuantizer, code_stat
                         psnr_from_mse)
 from dalle.training import distributed as dd
 from dalle.training.distributed import DistInfo
-from dalle.training.state import (EMA, Checkpointer, Diagnosis, NonFiniteGuard, budget_deadline, cosine, holdout,
-                                  spread, steps_in_budget, time_per_step, warmup_cosine, write_fit_report)
+from dalle.training.state import (EMA, Checkpointer, CsvLog, Diagnosis, NonFiniteGuard, budget_deadline, cosine,
+                                  holdout, spread, steps_in_budget, time_per_step, warmup_cosine, write_fit_report)
 
 TEMPERATURE_START = 1.0
 TEMPERATURE_END = 1.0 / 16  # the paper's final temperature
@@ -466,14 +465,9 @@ def train_dvae(
         noise = data_parallel_quantizer(model, device)
 
     log_path = out_dir / "logs" / "dvae.csv"
-    log_file = log = None
+    log: CsvLog | None = None
     if main:
-        rows = _kept_log_rows(log_path, step) if resume else []
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "w", newline="")
-        log = csv.DictWriter(log_file, fieldnames=CSV_FIELDS)
-        log.writeheader()
-        log.writerows({k: r.get(k, "") for k in CSV_FIELDS} for r in rows)
+        log = CsvLog(log_path, CSV_FIELDS, step if resume else None)
         sample_images = (images_at(val_data, val_indices[:8], size) if val_indices
                          else images_at(dataset, train_probe[:8], size))
     last_fit: dict[str, Any] | None = None  # the newest evaluation (rank 0)
@@ -536,9 +530,8 @@ def train_dvae(
                         save_grid(sample_images, reconstruct(ema.module, sample_images)[0],
                                   out_dir / "samples" / f"dvae_step{step:06d}.png")
                     dd.barrier(info)
-                if log is not None and log_file is not None:
-                    log.writerow(row)
-                    log_file.flush()
+                if log is not None:
+                    log.write(row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", psnr=f"{row['psnr']:.1f}",
                                     codes=f"{row['usage']:.2f}", tau=f"{s['temperature']:.2f}")
@@ -556,8 +549,8 @@ def train_dvae(
                     warnings.warn(f"time budget spent at step {step} of {total}; stopping early", stacklevel=2)
                 break
     finally:
-        if log_file is not None:
-            log_file.close()
+        if log is not None:
+            log.close()
         if bar is not None:
             bar.close()
 
@@ -589,14 +582,6 @@ def _fit_report(out_dir: Path, fit: dict[str, Any], *, n_train: int, n_val: int,
                    f"{n_probe} training images, {codes}, at step {fit['step']} ({n_train} training images)")
     figures = {"train_items": n_train, "val_items": n_val, "codebook_size": codebook_size, **fit}
     return write_fit_report(out_dir, "dvae", summary, figures, diagnoses)
-
-
-def _kept_log_rows(path: Path, step: int) -> list[dict[str, str]]:
-    """Rows of an earlier log up to ``step`` (a resumed run rewrites what came after)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= step]
 
 
 def _progress(start: int, total: int, enabled: bool) -> Any:

@@ -16,6 +16,7 @@ The temporary folder such a crash leaves behind is removed by the next run's fir
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
 import os
@@ -23,7 +24,8 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -443,10 +445,41 @@ def spread(n: int, k: int) -> list[int]:
     return [i * n // k for i in range(k)]
 
 
+# --- CSV logs --------------------------------------------------------------------
+
+
+class CsvLog:
+    """A training loop's log: one CSV row per logged step, flushed as it is written.
+
+    ``resume_step``: on a resumed run, the rows of the earlier log up to that step are kept
+    (in :attr:`kept`, and rewritten first) and what came after is dropped, since the resumed
+    run logs those steps again.  None starts the file afresh.  Columns a row lacks are left empty.
+    """
+
+    def __init__(self, path: Path, fields: Iterable[str], resume_step: int | None = None):
+        self.path, self.fields = Path(path), list(fields)
+        self.kept: list[dict[str, str]] = []
+        if resume_step is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                self.kept = [r for r in csv.DictReader(f)
+                             if (r.get("step") or "").isdigit() and int(r["step"]) <= resume_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.fields)
+        self._writer.writeheader()
+        for row in self.kept:
+            self._writer.writerow({k: row.get(k, "") for k in self.fields})
+        self._file.flush()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._writer.writerow({k: row.get(k, "") for k in self.fields})
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 # --- fit reports --------------------------------------------------------------------
-
-from dataclasses import dataclass  # noqa: E402 - this section was appended to a shared module
-
 
 @dataclass(frozen=True)
 class Diagnosis:

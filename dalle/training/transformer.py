@@ -63,8 +63,8 @@ from dalle.data.preprocess import derive_seed, make_generator
 from dalle.sampling import generate_images_tokens, native_bf16
 from dalle.training import distributed as dd
 from dalle.training.distributed import DistInfo
-from dalle.training.state import (EMA, Checkpointer, Diagnosis, NonFiniteGuard, budget_deadline, format_count, holdout,
-                                  spread, steps_in_budget, time_per_step, warmup_cosine, write_fit_report)
+from dalle.training.state import (EMA, Checkpointer, CsvLog, Diagnosis, NonFiniteGuard, budget_deadline, format_count,
+                                  holdout, spread, steps_in_budget, time_per_step, warmup_cosine, write_fit_report)
 from dalle.transformer import DalleTransformer
 
 ADAM_BETAS = (0.9, 0.96)
@@ -538,18 +538,13 @@ def train_transformer(
     end = total if stop_after is None else min(total, stop_after)
 
     log_path = out_dir / "logs" / "transformer.csv"
-    log_file = log = None
+    log: CsvLog | None = None
     history: list[dict[str, Any]] = []  # the evaluations so far (rank 0), for the fit report
     if main:
-        rows = _kept_log_rows(log_path, step) if resume else []
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "w", newline="")
-        log = csv.DictWriter(log_file, fieldnames=CSV_FIELDS)
-        log.writeheader()
-        log.writerows({k: r.get(k, "") for k in CSV_FIELDS} for r in rows)
+        log = CsvLog(log_path, CSV_FIELDS, step if resume else None)
         history = [{"step": int(r["step"]), "train": float(r["train_bits_per_image_token"]),
                     "val": float(r["val_bits_per_image_token"]) if r.get("val_bits_per_image_token") else None}
-                   for r in rows if r.get("train_bits_per_image_token")]
+                   for r in log.kept if r.get("train_bits_per_image_token")]
     shown = [(val_data, i) for i in val_indices[:4]] or [(token_cache, i) for i in train_probe[:4]]
     sample_captions = [data[i][1][0] for data, i in shown]  # unseen captions where there are some
     tokens_per_step = batch_size * (tcfg.seq_len - 1)
@@ -650,9 +645,8 @@ def train_transformer(
                             save_sample_grid(average, dvae, tokenizer, sample_captions,
                                              out_dir / "samples" / f"transformer_step{step:06d}.png", seed=seed)
                     dd.barrier(info)
-                if log is not None and log_file is not None:
-                    log.writerow(row)
-                    log_file.flush()
+                if log is not None:
+                    log.write(row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", img=f"{row['image_loss']:.3f}",
                                     tok_s=row["tokens_per_s"])
@@ -663,8 +657,8 @@ def train_transformer(
             if step % checkpoint_every == 0 or step == end:
                 save_checkpoint()
     finally:
-        if log_file is not None:
-            log_file.close()
+        if log is not None:
+            log.close()
         if bar is not None:
             bar.close()
 
@@ -768,14 +762,6 @@ def _load_checkpoint(checkpointer: Checkpointer, model: DalleTransformer, ema: A
         ema.load_state_dict(staging_ema.state_dict())
         dd.load_full_optimizer_state_dict(optimizer, holder.state_dict())
     return restored
-
-
-def _kept_log_rows(path: Path, step: int) -> list[dict[str, str]]:
-    """Rows of an earlier log up to ``step`` (a resumed run rewrites what came after)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= step]
 
 
 def _progress(start: int, total: int, enabled: bool) -> Any:

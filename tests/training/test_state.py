@@ -11,6 +11,7 @@ from dalle.training.state import (
     BUDGET_SAFETY,
     EMA,
     Checkpointer,
+    CsvLog,
     NonFiniteError,
     NonFiniteGuard,
     budget_deadline,
@@ -227,3 +228,20 @@ def test_budget_deadline_covers_the_whole_run_resumes_included():
     # Past the steps' share of the budget, before its end: time to checkpoint and export.
     assert 1000.0 + 600 * BUDGET_SAFETY < fresh < 1000.0 + 600
     assert budget_deadline(10.0, start=1000.0, elapsed_before=240.0) == pytest.approx(fresh - 240.0)
+
+
+def test_csv_log_resume_keeps_rows_up_to_the_step_and_drops_the_rest(tmp_path):
+    path = tmp_path / "logs" / "run.csv"
+    log = CsvLog(path, ["step", "loss", "extra"])
+    for step in (10, 20, 30):
+        log.write({"step": step, "loss": step / 10})
+    log.close()
+    resumed = CsvLog(path, ["step", "loss", "extra"], resume_step=20)
+    assert [r["step"] for r in resumed.kept] == ["10", "20"]
+    resumed.write({"step": 30, "loss": 9.0, "extra": "x"})
+    resumed.close()
+    text = path.read_text().splitlines()
+    assert text == ["step,loss,extra", "10,1.0,", "20,2.0,", "30,9.0,x"]
+    fresh = CsvLog(path, ["step", "loss"])  # no resume: the old rows go
+    fresh.close()
+    assert path.read_text().splitlines() == ["step,loss"]
