@@ -118,8 +118,12 @@ def main() -> None:
         "",
     ]
     for name, title, command in (
-        ("eval_bundled_cpu.json", "Measured on 2 CPU cores", "dalle eval --prompts-per-category 40 --device cpu"),
-        ("eval_bundled_h200.json", "Measured on the H200 right after training", "dalle eval --model EXPORT --device cuda"),
+        ("eval_bundled_cpu.json", "The bundled model (trained 60 minutes on 2 CPU cores), measured on 2 CPU cores",
+         "dalle eval --prompts-per-category 40 --device cpu"),
+        ("eval_previous_bundled_cpu.json", "The previous bundled model (trained 5 minutes on one H200), on 2 CPU cores",
+         "dalle eval --model PREVIOUS --prompts-per-category 40 --device cpu"),
+        ("eval_previous_bundled_h200.json", "The previous bundled model, measured on the H200 right after training",
+         "dalle eval --model EXPORT --device cuda"),
     ):
         report = load(name)
         if report:
@@ -148,6 +152,11 @@ def main() -> None:
         "```",
         "",
     ]
+    data = saved("bench_data.txt")
+    if data:
+        lines += ["## Data readers on 2 CPU cores", "",
+                  "`.venv/bin/python benchmarks/bench_data.py --count 2000 --photo-count 0 --workers 0 --shard-samples 2000`:",
+                  "", "```", data.strip(), "```", ""]
     bench = load("bench_gpu_h200.json")
     if bench:
         lines += gpu_section(bench)
