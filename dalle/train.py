@@ -203,6 +203,7 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
             train_clip(dataset, _need_tokenizer(out), out, config, minutes=budget, **common)
         else:  # pragma: no cover - argparse restricts the choices
             raise ConfigError(f"unknown component {stage}")
+    barrier(info)  # leave together: tearing the group down while a rank is still in a collective can abort
     log(f"done in {(time.time() - started) / 60:.1f} min")
     return out
 

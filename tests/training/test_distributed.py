@@ -73,6 +73,7 @@ def _rank_main(rank: int, world: int, port: int, tokenizer_dir: str, runs: list[
                 dist.barrier()
             train_transformer(toy_data(), tokenizer, out, toy_config(grad_accum), device="cpu", autocast=False,
                               progress=False, log_every=1, sample_every=1000, **kwargs)
+        dist.barrier()  # leave together: tearing the group down while a rank is still in a collective can abort
     finally:
         dd.shutdown_distributed()
 

@@ -110,6 +110,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, runs: list[tuple[str
             config = toy_config()
             config.train.clip_steps = kwargs.pop("clip_steps", STEPS)
             train_clip(dataset(), tokenizer, out, config, device="cpu", log_every=1, **kwargs)
+        dist.barrier()  # leave together: tearing the group down while a rank is still in a collective can abort
     finally:
         dd.shutdown_distributed()
 

@@ -124,6 +124,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, runs: list[tuple[str
                 continue
             train_dvae(toy_data(), out, config, device="cpu", progress=False, log_every=1, sample_every=1000,
                        **kwargs)
+        dist.barrier()  # leave together: tearing the group down while a rank is still in a collective can abort
     finally:
         dd.shutdown_distributed()
 
