@@ -64,12 +64,13 @@ from torch import Tensor
 from dalle.config import DalleConfig
 from dalle.data.preprocess import (PAPER_CROP_SCALE, crop_resize, derive_seed, make_generator, random_crop_box,
                                    to_tensor)
-from dalle.dvae import (DiscreteVAE, GumbelQuantizer, VectorQuantizer, code_statistics, histogram_statistics,
+from dalle.dvae import (DiscreteVAE, VectorQuantizer, code_statistics, histogram_statistics,
                         psnr_from_mse)
 from dalle.training import distributed as dd
 from dalle.training.distributed import DistInfo
 from dalle.training.state import (EMA, Checkpointer, CsvLog, Diagnosis, NonFiniteGuard, budget_deadline, cosine,
-                                  holdout, spread, steps_in_budget, time_per_step, warmup_cosine, write_fit_report)
+                                  holdout, resumed_progress, spread, steps_in_budget, time_per_step, warmup_cosine,
+                                  write_fit_report)
 
 TEMPERATURE_START = 1.0
 TEMPERATURE_END = 1.0 / 16  # the paper's final temperature
@@ -427,16 +428,8 @@ def train_dvae(
     restored = None
     if resume:
         restored = checkpointer.load_latest({"model": model, "ema": ema.module}, {"optimizer": optimizer})
-        if restored is None:
-            if main:
-                warnings.warn(f"--resume: no checkpoint in {checkpointer.folder}; starting from scratch", stacklevel=2)
-        else:
-            step, extra = restored
-            total, elapsed_before = int(extra["total_steps"]), float(extra.get("seconds", 0.0))
-            window_sum, window_count = extra.get("window_loss", (0.0, 0))
-            if steps is not None and steps != total and main:
-                warnings.warn(f"resuming a {total}-step run: steps={steps} ignored (the schedules keep their length)",
-                              stacklevel=2)
+        step, total, elapsed_before, (window_sum, window_count) = resumed_progress(
+            restored, steps, checkpointer.folder, warn=main)
     if total is None:
         total = steps if steps is not None else tcfg.dvae_steps
         if minutes is not None:  # timed by rank 0 on its slice, then shared

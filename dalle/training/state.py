@@ -445,6 +445,31 @@ def spread(n: int, k: int) -> list[int]:
     return [i * n // k for i in range(k)]
 
 
+# --- resuming ---------------------------------------------------------------------
+
+
+def resumed_progress(restored: tuple[int, dict[str, Any]] | None, steps: int | None, folder: Path,
+                     warn: bool = True) -> tuple[int, int | None, float, tuple[float, int]]:
+    """``(step, total_steps, seconds_spent, loss_window)`` of a run resumed from ``restored``.
+
+    ``restored``: what :meth:`Checkpointer.load_latest` returned; None (no checkpoint)
+    gives a fresh run's ``(0, None, 0.0, (0.0, 0))``, with a warning.  A resumed run keeps
+    the schedule length it started with, so a different ``steps`` is ignored, with a
+    warning.  ``warn``: False on the ranks that do not write (one warning per job).
+    """
+    if restored is None:
+        if warn:
+            warnings.warn(f"--resume: no checkpoint in {folder}; starting from scratch", stacklevel=3)
+        return 0, None, 0.0, (0.0, 0)
+    step, extra = restored
+    total = int(extra["total_steps"])
+    if steps is not None and steps != total and warn:
+        warnings.warn(f"resuming a {total}-step run: steps={steps} ignored (the schedules keep their length)",
+                      stacklevel=3)
+    window = extra.get("window_loss", (0.0, 0))
+    return step, total, float(extra.get("seconds", 0.0)), (float(window[0]), int(window[1]))
+
+
 # --- CSV logs --------------------------------------------------------------------
 
 

@@ -64,7 +64,8 @@ from dalle.sampling import generate_images_tokens, native_bf16
 from dalle.training import distributed as dd
 from dalle.training.distributed import DistInfo
 from dalle.training.state import (EMA, Checkpointer, CsvLog, Diagnosis, NonFiniteGuard, budget_deadline, format_count,
-                                  holdout, spread, steps_in_budget, time_per_step, warmup_cosine, write_fit_report)
+                                  holdout, resumed_progress, spread, steps_in_budget, time_per_step, warmup_cosine,
+                                  write_fit_report)
 from dalle.transformer import DalleTransformer
 
 ADAM_BETAS = (0.9, 0.96)
@@ -518,16 +519,8 @@ def train_transformer(
     window_sum, window_count = 0.0, 0  # the losses of the steps since the last logged row
     if resume:
         restored = _load_checkpoint(checkpointer, model, ema, optimizer, sharded)
-        if restored is None:
-            if main:
-                warnings.warn(f"--resume: no checkpoint in {checkpointer.folder}; starting from scratch", stacklevel=2)
-        else:
-            step, extra = restored
-            total, elapsed_before = int(extra["total_steps"]), float(extra.get("seconds", 0.0))
-            window_sum, window_count = extra.get("window_loss", (0.0, 0))
-            if steps is not None and steps != total and main:
-                warnings.warn(f"resuming a {total}-step run: steps={steps} ignored (the schedules keep their length)",
-                              stacklevel=2)
+        step, total, elapsed_before, (window_sum, window_count) = resumed_progress(
+            restored, steps, checkpointer.folder, warn=main)
         if total is None and minutes is not None:
             total = _estimate_total(model, token_cache, tokenizer, seed, batch_size, grad_accum, amp, minutes,
                                     steps, info, n_train)

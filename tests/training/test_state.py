@@ -1,5 +1,6 @@
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from dalle.training.state import (
     NonFiniteGuard,
     budget_deadline,
     cosine,
+    resumed_progress,
     steps_in_budget,
     time_per_step,
     warmup_cosine,
@@ -245,3 +247,15 @@ def test_csv_log_resume_keeps_rows_up_to_the_step_and_drops_the_rest(tmp_path):
     fresh = CsvLog(path, ["step", "loss"])  # no resume: the old rows go
     fresh.close()
     assert path.read_text().splitlines() == ["step,loss"]
+
+
+def test_resumed_progress_of_a_fresh_and_of_a_restored_run(tmp_path):
+    with pytest.warns(UserWarning, match="no checkpoint"):
+        assert resumed_progress(None, 10, tmp_path) == (0, None, 0.0, (0.0, 0))
+    restored = (40, {"total_steps": 100, "seconds": 12.5, "window_loss": [3.0, 2]})
+    with pytest.warns(UserWarning, match="100-step run: steps=10 ignored"):
+        assert resumed_progress(restored, 10, tmp_path) == (40, 100, 12.5, (3.0, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same length, or a rank that does not write: no warning
+        assert resumed_progress(restored, 100, tmp_path) == (40, 100, 12.5, (3.0, 2))
+        assert resumed_progress(restored, 10, tmp_path, warn=False)[1] == 100
