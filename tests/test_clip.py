@@ -27,13 +27,7 @@ def padded(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor([row + [BPE + i for i in range(len(row), LEN)] for row in rows])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: extra threads only add contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

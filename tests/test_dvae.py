@@ -20,13 +20,7 @@ from dalle.dvae import (
 from dalle.io import ModelLoadError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(quantizer: str = "gumbel", **kw) -> DVAEConfig:

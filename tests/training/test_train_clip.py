@@ -73,12 +73,7 @@ def toy_config(steps: int = 60, batch: int = 8) -> DalleConfig:
     return DalleConfig(clip=clip, train=TrainConfig(clip_steps=steps, clip_batch=batch, clip_lr=2e-3, seed=3))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_image_to_tensor_is_unit_range_and_resizes():

@@ -16,13 +16,7 @@ from dalle.training.dvae import (batch_for_step, diagnose_dvae, evaluate_dvae, f
                                  train_dvae)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(quantizer: str = "gumbel"):
