@@ -1,0 +1,133 @@
+"""Which token grid and codebook size serve 64 px real images: equal-wall-clock dVAE runs.
+
+Each variant starts from the ``shapes`` preset's dVAE (VQ, MSE) and changes the fields
+given on its line below; it trains with ``dalle.training.dvae.train_dvae`` on a folder set
+(``--data``) for ``--minutes`` of wall clock, holding out the data set's validation split
+(the last items in file-name order, the split every ``dalle train`` stage uses).  Then its
+exported weights are measured on those held-out images:
+
+  psnr     - dB of decode(encode(x)) on [0, 1] pixels, all held-out pixels pooled
+  used     - codes the held-out images use, of the codebook
+  ppl      - perplexity of their code histogram (K when every code is used equally)
+  steps    - training steps done in the budget (batch of the preset)
+
+One variant a process with ``--threads`` each, so two can run side by side::
+
+    .venv/bin/python benchmarks/bench_dvae_grid.py --data /work/realdata --minutes 9 \\
+        --threads 1 --variants g16_k1024_w32 &
+    .venv/bin/python benchmarks/bench_dvae_grid.py --data /work/realdata --minutes 9 \\
+        --threads 1 --variants g8_k1024_w32 &
+    .venv/bin/python benchmarks/bench_dvae_grid.py --table     # markdown table of every result
+
+Results: ``benchmarks/results/dvae_grid/<variant>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dalle.config import get_preset
+from dalle.data import FolderDataset
+from dalle.dvae import DiscreteVAE
+from dalle.training.dvae import evaluate_dvae, train_dvae
+from dalle.training.state import holdout
+
+RESULTS = Path(__file__).parent / "results" / "dvae_grid"
+
+# name -> dvae/train overrides of the shapes preset.  g = token grid side at 64 px
+# (8: 8x down-sampling, num_groups 4; 16: 4x, num_groups 3), k = codebook size,
+# w = hidden width (the full-resolution group's channels).
+VARIANTS: dict[str, dict[str, dict]] = {
+    "g8_k512_w16": {"dvae": dict(num_groups=4, width_multipliers=(1, 2, 4, 8), codebook_size=512, hidden_width=16)},
+    "g8_k1024_w32": {"dvae": dict(num_groups=4, width_multipliers=(1, 2, 4, 8), codebook_size=1024, hidden_width=32)},
+    "g16_k512_w32": {"dvae": dict(num_groups=3, width_multipliers=(1, 2, 4), codebook_size=512, hidden_width=32)},
+    "g16_k1024_w32": {"dvae": dict(num_groups=3, width_multipliers=(1, 2, 4), codebook_size=1024, hidden_width=32)},
+    "g16_k2048_w32": {"dvae": dict(num_groups=3, width_multipliers=(1, 2, 4), codebook_size=2048, hidden_width=32)},
+    "g16_k1024_w48": {"dvae": dict(num_groups=3, width_multipliers=(1, 2, 4), codebook_size=1024, hidden_width=48)},
+    "g16_k1024_w32_b2": {"dvae": dict(num_groups=3, width_multipliers=(1, 2, 4), codebook_size=1024, hidden_width=32,
+                                      blocks_per_group=2)},
+}
+
+
+def variant_config(name: str):
+    cfg = get_preset("shapes")
+    for section, fields in VARIANTS[name].items():
+        for key, value in fields.items():
+            setattr(getattr(cfg, section), key, value)
+    cfg.dvae.__post_init__()
+    return cfg
+
+
+def run(name: str, data: str, minutes: float, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    cfg = variant_config(name)
+    dataset = FolderDataset(data)
+    n_train, val = holdout(len(dataset), cfg.train, stage="dvae")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        folder = train_dvae(dataset, Path(tmp), cfg, minutes=minutes, progress=False)
+        wall = time.time() - t0
+        model = DiscreteVAE.from_pretrained(folder)
+        steps = _last_step(Path(tmp))
+    held_out = torch.utils.data.Subset(dataset, list(val))
+    figures = evaluate_dvae(model, held_out, n=len(val))
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "variant": name, "grid": cfg.dvae.grid_size, "codebook": cfg.dvae.codebook_size,
+        "hidden_width": cfg.dvae.hidden_width, "blocks_per_group": cfg.dvae.blocks_per_group,
+        "params": params, "minutes": minutes, "wall_s": round(wall, 1), "threads": threads, "steps": steps,
+        "held_out": f"last {len(val)} of {len(dataset)} items (file-name order) of {data}",
+        "psnr": round(figures["psnr"], 2), "codes_used": round(figures["codebook_usage"] * cfg.dvae.codebook_size),
+        "perplexity": round(figures["perplexity"], 1), "load_avg": os.getloadavg()[0],
+    }
+
+
+def _last_step(out: Path) -> int | None:
+    log = out / "logs" / "dvae.csv"
+    if not log.exists():
+        return None
+    rows = [line.split(",") for line in log.read_text().splitlines()]
+    col = rows[0].index("step") if rows and "step" in rows[0] else 0
+    return int(rows[-1][col]) if len(rows) > 1 else None
+
+
+def table() -> str:
+    lines = ["| variant | token grid | codes | hidden width | params | steps | held-out PSNR | codes used | perplexity |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for f in sorted(RESULTS.glob("*.json")):
+        r = json.loads(f.read_text())
+        lines.append(f"| {r['variant']} | {r['grid']}x{r['grid']} | {r['codebook']} | {r['hidden_width']} | "
+                     f"{r['params'] / 1e6:.2f}M | {r['steps']} | {r['psnr']:.2f} dB | {r['codes_used']} of "
+                     f"{r['codebook']} | {r['perplexity']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="folder set (image + same-named .txt)")
+    p.add_argument("--minutes", type=float, default=9.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variants", nargs="+", default=[], choices=sorted(VARIANTS))
+    p.add_argument("--table", action="store_true", help="print the markdown table of saved results")
+    args = p.parse_args()
+    if args.table:
+        print(table())
+        return
+    if not args.data or not args.variants:
+        p.error("--data and --variants are needed (or --table)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in args.variants:
+        result = run(name, args.data, args.minutes, args.threads)
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
