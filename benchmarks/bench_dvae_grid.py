@@ -65,24 +65,25 @@ def variant_config(name: str):
     return cfg
 
 
-def run(name: str, data: str, minutes: float, threads: int) -> dict:
+def run(name: str, data: str, minutes: float | None, threads: int, steps: int | None = None) -> dict:
     torch.set_num_threads(threads)
     cfg = variant_config(name)
     dataset = FolderDataset(data)
     n_train, val = holdout(len(dataset), cfg.train, stage="dvae")
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.time()
-        folder = train_dvae(dataset, Path(tmp), cfg, minutes=minutes, progress=False)
-        wall = time.time() - t0
+        t0, c0 = time.time(), time.process_time()
+        folder = train_dvae(dataset, Path(tmp), cfg, minutes=minutes, steps=steps, progress=False)
+        wall, cpu = time.time() - t0, time.process_time() - c0
         model = DiscreteVAE.from_pretrained(folder)
-        steps = _last_step(Path(tmp))
+        done = _last_step(Path(tmp))
     held_out = torch.utils.data.Subset(dataset, list(val))
     figures = evaluate_dvae(model, held_out, n=len(val))
     params = sum(p.numel() for p in model.parameters())
     return {
         "variant": name, "grid": cfg.dvae.grid_size, "codebook": cfg.dvae.codebook_size,
         "hidden_width": cfg.dvae.hidden_width, "blocks_per_group": cfg.dvae.blocks_per_group,
-        "params": params, "minutes": minutes, "wall_s": round(wall, 1), "threads": threads, "steps": steps,
+        "params": params, "minutes": minutes, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "threads": threads,
+        "steps": done, "budget": f"{minutes} minutes" if minutes else f"{steps} steps",
         "held_out": f"last {len(val)} of {len(dataset)} items (file-name order) of {data}",
         "psnr": round(figures["psnr"], 2), "codes_used": round(figures["codebook_usage"] * cfg.dvae.codebook_size),
         "perplexity": round(figures["perplexity"], 1), "load_avg": os.getloadavg()[0],
@@ -99,20 +100,25 @@ def _last_step(out: Path) -> int | None:
 
 
 def table() -> str:
-    lines = ["| variant | token grid | codes | hidden width | params | steps | held-out PSNR | codes used | perplexity |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| variant | token grid | codes | hidden width | params | budget | steps | CPU s a step | load avg | "
+             "held-out PSNR | codes used | perplexity |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for f in sorted(RESULTS.glob("*.json")):
         r = json.loads(f.read_text())
+        budget = r.get("budget", f"{r['minutes']:g} minutes")
+        cpu = f"{r['cpu_s'] / r['steps']:.2f}" if "cpu_s" in r else "n/a"
         lines.append(f"| {r['variant']} | {r['grid']}x{r['grid']} | {r['codebook']} | {r['hidden_width']} | "
-                     f"{r['params'] / 1e6:.2f}M | {r['steps']} | {r['psnr']:.2f} dB | {r['codes_used']} of "
-                     f"{r['codebook']} | {r['perplexity']} |")
+                     f"{r['params'] / 1e6:.2f}M | {budget} | {r['steps']} | {cpu} | {r['load_avg']:.1f} | "
+                     f"{r['psnr']:.2f} dB | {r['codes_used']} of {r['codebook']} | {r['perplexity']} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="folder set (image + same-named .txt)")
-    p.add_argument("--minutes", type=float, default=9.0)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget of each variant (default 9)")
+    budget.add_argument("--steps", type=int, default=None, help="a fixed step count instead (equal compute)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", nargs="+", default=[], choices=sorted(VARIANTS))
     p.add_argument("--table", action="store_true", help="print the markdown table of saved results")
@@ -124,8 +130,10 @@ def main() -> None:
         p.error("--data and --variants are needed (or --table)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in args.variants:
-        result = run(name, args.data, args.minutes, args.threads)
-        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        minutes = args.minutes if args.minutes or args.steps else 9.0
+        result = run(name, args.data, minutes, args.threads, args.steps)
+        tag = f"{args.steps}steps" if args.steps else f"{minutes:g}min"
+        (RESULTS / f"{name}_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result))
 
 
