@@ -50,6 +50,33 @@ PEER = {
 }
 
 
+PEER_SAMPLE_S_PER_IMAGE = {8: PEER["sample_full_8_s_per_image"], 16: PEER["sample_full_16_s_per_image"]}
+
+
+def bench_preset(name: str, repeats: int, batch: int = 8) -> dict[str, float | str]:
+    """Sampling seconds an image with a preset's own transformer, against the peer at its token count.
+
+    The peer's figures are at d_model 256, 4 layers (shared/ANCHORS.md); a preset with a
+    wider or deeper transformer is compared at a disadvantage, never an advantage.
+    """
+    from dalle.config import get_preset
+
+    config = get_preset(name).transformer
+    torch.manual_seed(0)
+    model = prepare_for_sampling(DalleTransformer(config).eval())
+    text = torch.randint(0, config.text_vocab, (batch, config.text_len))
+    g = torch.Generator().manual_seed(0)
+    wall, cpu = timed(lambda: generate_images_tokens(model, text, generator=g), repeats)
+    out: dict[str, float | str] = {"preset": name, "image_tokens": config.image_len, "d_model": config.d_model,
+                                   "layers": config.n_layers, "attention": config.attention,
+                                   "s_per_image": wall / batch, "cpu_s_per_image": cpu / batch}
+    peer = PEER_SAMPLE_S_PER_IMAGE.get(config.image_grid)
+    if peer is not None:
+        out["peer_s_per_image"] = peer
+        out["speedup_vs_peer"] = peer / (wall / batch)
+    return out
+
+
 def bench_config(attention: str, grid: int = 8) -> TransformerConfig:
     return TransformerConfig(n_layers=4, n_heads=4, head_dim=64, text_vocab=512 + 32, text_len=32, image_vocab=512,
                              image_grid=grid, attention=attention, conv_kernel=11)
@@ -114,8 +141,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the best is kept")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--no-32", action="store_true", help="skip the 32x32 sampling point (the slowest)")
+    parser.add_argument("--preset", help="only time sampling with this preset's transformer against the peer")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.preset:
+        load = os.getloadavg()[0]
+        r = bench_preset(args.preset, args.repeats)
+        r["threads"], r["load_average"] = args.threads, f"{load:.2f} -> {os.getloadavg()[0]:.2f}"
+        print(json.dumps(r) if args.json else "\n".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                        for k, v in r.items()))
+        return
     bf16_ok = native_bf16("cpu")
     load_before = os.getloadavg()[0]
 
