@@ -105,7 +105,7 @@ def table() -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for f in sorted(RESULTS.glob("*.json")):
         r = json.loads(f.read_text())
-        budget = r.get("budget", f"{r['minutes']:g} minutes")
+        budget = r["budget"] if "budget" in r else f"{r['minutes']:g} minutes"
         cpu = f"{r['cpu_s'] / r['steps']:.2f}" if "cpu_s" in r else "n/a"
         lines.append(f"| {r['variant']} | {r['grid']}x{r['grid']} | {r['codebook']} | {r['hidden_width']} | "
                      f"{r['params'] / 1e6:.2f}M | {budget} | {r['steps']} | {cpu} | {r['load_avg']:.1f} | "
