@@ -263,7 +263,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [UsageError, ConfigError, ModelLoadError, FileNotFoundError, NotADirectoryError]
     try:
-        from dalle.data.datasets import BadImageError, DataError
+        from dalle.data.images import BadImageError, DataError
 
         errors += [BadImageError, DataError]
     except ImportError:

@@ -69,7 +69,7 @@ def load_user_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     try:
-        from dalle.data.datasets import BadImageError, load_image
+        from dalle.data.images import BadImageError, load_image
     except ImportError:  # pragma: no cover - the data package is part of the install
         return Image.open(path).convert("RGB")
     try:
