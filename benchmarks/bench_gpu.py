@@ -58,7 +58,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dalle.config import TransformerConfig  # noqa: E402
-from dalle.transformer import DalleTransformer, StaticDecoder  # noqa: E402
+from dalle.sampling import StaticDecoder  # noqa: E402
+from dalle.transformer import DalleTransformer  # noqa: E402
 
 PEER = {
     "train_full_tok_s": 46_000.0,

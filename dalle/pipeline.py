@@ -24,10 +24,11 @@ from dalle.data.preprocess import eval_transform
 from dalle.dvae import DiscreteVAE
 from dalle.io import ModelLoadError
 from dalle.sampling import (
-    generate_images_tokens, keep_rows_mask, prepare_for_sampling, region_mask, static_decoder_for, use_static_decoder,
+    StaticDecoder, generate_images_tokens, keep_rows_mask, prepare_for_sampling, region_mask, static_decoder_for,
+    use_static_decoder,
 )
 from dalle.tokenizer import TextTokenizer
-from dalle.transformer import DalleTransformer, StaticDecoder
+from dalle.transformer import DalleTransformer
 
 COMPONENTS = ("tokenizer", "dvae", "transformer", "clip")
 
