@@ -201,6 +201,10 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
     if every is not None:
         common["checkpoint_every"] = every
     started = time.time()
+    if info.is_main:
+        from dalle.training.tensorboard import where_to_look
+
+        log(where_to_look(out))
     for stage in stages:
         done = stage_complete(out / stage)
         if whole and resume and done:

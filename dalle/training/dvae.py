@@ -72,6 +72,7 @@ from dalle.training.distributed import DistInfo
 from dalle.training.state import (EMA, Checkpointer, CsvLog, Diagnosis, NonFiniteGuard, budget_deadline, cosine,
                                   holdout, resumed_progress, spread, steps_in_budget, time_per_step, warmup_cosine,
                                   write_fit_report)
+from dalle.training.tensorboard import log_image
 
 TEMPERATURE_START = 1.0
 TEMPERATURE_END = 1.0 / 16  # the paper's final temperature
@@ -590,8 +591,9 @@ def train_dvae(
                         if val_indices:
                             row["val_psnr"] = row["eval_psnr"] = last_fit["val_psnr"]
                             row["val_usage"] = row["eval_usage"] = last_fit["val_usage"]
-                        save_grid(sample_images, reconstruct(ema.module, sample_images)[0],
-                                  out_dir / "samples" / f"dvae_step{step:06d}.png")
+                        grid_path = out_dir / "samples" / f"dvae_step{step:06d}.png"
+                        save_grid(sample_images, reconstruct(ema.module, sample_images)[0], grid_path)
+                        log_image(out_dir / "logs", "dvae", "reconstructions", grid_path, step)
                     dd.barrier(info)
                 if log is not None:
                     log.write(row)
