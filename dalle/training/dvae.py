@@ -300,14 +300,18 @@ def diagnose_dvae(*, train_psnr: float, val_psnr: float | None, codes_used: int,
         reasons.append(f"only {shown - baseline_psnr:+.1f} dB over shrinking each image to the {at}token grid and "
                        f"back ({baseline_psnr:.1f} dB)")
     if reasons:
-        finer = ""
-        if grid and image_size and grid < image_size // 2:
+        wider = "a wider dVAE (--set dvae.hidden_width=64), a larger codebook or a longer run"
+        if grid and image_size and image_size // grid >= 8:
+            # 8x down-sampling (the paper's 256 -> 32) leaves too few tokens for the detail of small
+            # real pictures; 4x costs the transformer 4x the tokens, which it can afford at 64-128 px.
             groups = round(math.log2(image_size // grid)) + 1
-            finer = (f" (--set dvae.num_groups={groups - 1} halves the down-sampling: {2 * grid}x{2 * grid} tokens "
-                     f"at {image_size} px, as the small-64 preset does at 64 px)")
+            preset = ", as the small-64 preset does" if image_size == 64 else ""
+            advice = (f"pick a finer token grid (--set dvae.num_groups={groups - 1} halves the down-sampling: "
+                      f"{2 * grid}x{2 * grid} tokens at {image_size} px{preset}) or {wider}")
+        else:
+            advice = f"pick {wider}"
         found.append(Diagnosis("blurry", f"dVAE reconstructions blurry: PSNR {shown:.1f} dB on {where} images, "
-                               + "; ".join(reasons) + f" -- pick a finer token grid{finer}, a wider dVAE "
-                               "(--set dvae.hidden_width=64) or a larger codebook, or train longer"))
+                               + "; ".join(reasons) + f" -- {advice}"))
     if val_psnr is not None and train_psnr - val_psnr >= MEMORISING_PSNR_GAP_DB:
         found.append(Diagnosis("memorising", f"dVAE memorising: reconstructs training images at {train_psnr:.1f} dB "
                                f"but unseen ones at {val_psnr:.1f} dB -- more data or fewer steps would help"))

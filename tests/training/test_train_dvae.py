@@ -203,6 +203,10 @@ def test_diagnose_dvae_judges_blur_against_the_data():
     assert [d.code for d in found] == ["blurry"]
     assert "50% of the images' edges" in found[0].message and "finer token grid" in found[0].message
     assert "--set dvae.num_groups=3" in found[0].message and "16x16 tokens at 64 px" in found[0].message
+    # Already at 4x down-sampling: a wider dVAE, not an even finer grid.
+    found = diagnose_dvae(train_psnr=21.2, val_psnr=20.9, codes_used=900, tokens=65536, codebook_size=1024,
+                          edge_retention=0.5, baseline_psnr=14.1, grid=16, image_size=64)
+    assert "wider dVAE" in found[0].message and "finer token grid" not in found[0].message
     # Barely better than shrinking each image to the token grid: blurry, whatever the dB.
     assert dvae_codes(val_psnr=24.0, train_psnr=24.2, baseline_psnr=22.0, edge_retention=0.9) == {"blurry"}
     # Sharp: edges kept and well above the baseline.
