@@ -551,7 +551,9 @@ def small_64() -> DalleConfig:
         vocab=2048, text_len=64, layers=4, heads=4, attention="full", clip_layers=2, clip_width=128, clip_patch=8,
         # 256 image tokens cost a transformer step 4x the shapes preset's 64: a smaller batch
         # keeps the steps of a CPU hour in the hundreds.
-        train=TrainConfig(dvae_lr=2e-3, dvae_batch=32, transformer_batch=16, clip_batch=64),
+        # Evaluations every 200 steps: a CPU hour holds about a thousand, and early stopping needs several.
+        train=TrainConfig(dvae_lr=2e-3, dvae_batch=32, transformer_batch=16, clip_batch=64,
+                          transformer_eval_every=200),
     )
 
 

@@ -196,11 +196,22 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
     dataset = open_training_data(data, "train", seed=config.train.seed if seed is None else seed,
                                  shapes_size=config.train.shapes_size)
     whole = component == "all"
+    if info.is_main and hasattr(dataset, "image_files"):  # mixed sizes and modes: converted, with a note
+        from dalle.data.survey import survey_images, survey_note
+
+        note = survey_note(survey_images(dataset.image_files(), config.dvae.image_size), config.dvae.image_size,
+                           len(dataset))
+        if note:
+            log(note)
     common: dict[str, Any] = dict(steps=steps, resume=resume, device=device, seed=seed)
     every = checkpoint_interval()
     if every is not None:
         common["checkpoint_every"] = every
     started = time.time()
+    if info.is_main:
+        from dalle.training.tensorboard import where_to_look
+
+        log(where_to_look(out))
     for stage in stages:
         done = stage_complete(out / stage)
         if whole and resume and done:

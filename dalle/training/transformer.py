@@ -76,6 +76,7 @@ from dalle.training.distributed import DistInfo
 from dalle.training.state import (EMA, Checkpointer, CsvLog, Diagnosis, NonFiniteGuard, budget_deadline, format_count,
                                   holdout, resumed_progress, spread, steps_in_budget, time_per_step, warmup_cosine,
                                   write_fit_report)
+from dalle.training.tensorboard import log_image
 from dalle.transformer import DalleTransformer
 
 ADAM_BETAS = (0.9, 0.96)
@@ -672,8 +673,9 @@ def train_transformer(
                         if entry["val"] is not None:
                             row["val_bits_per_image_token"] = row["eval_bits_per_image_token"] = entry["val"]
                         if dvae is not None:
-                            save_sample_grid(average, dvae, tokenizer, sample_captions,
-                                             out_dir / "samples" / f"transformer_step{step:06d}.png", seed=seed)
+                            grid_path = out_dir / "samples" / f"transformer_step{step:06d}.png"
+                            save_sample_grid(average, dvae, tokenizer, sample_captions, grid_path, seed=seed)
+                            log_image(out_dir / "logs", "transformer", "samples", grid_path, step)
                     dd.barrier(info)
                 if log is not None:
                     log.write(row)
