@@ -73,7 +73,8 @@ def _timing_text(row: dict | None) -> str:
         t = row.get(component)
         if t:
             mark = "~" if "scaled_from_batch" in t else ""
-            parts.append(f"{component} {mark}{t.get('cpu_seconds_per_step', t.get('seconds_per_step', float('nan'))):.3g}")
+            seconds = t.get("cpu_seconds_per_step", t.get("seconds_per_step", float("nan")))
+            parts.append(f"{component} {mark}{seconds:.3g}" if seconds < 1000 else f"{component} {mark}{seconds:.0f}")
     return "cpu_s_per_step " + " ".join(parts)
 
 
