@@ -129,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval)
 
+    v = sub.add_parser("convert", help="convert other projects' released weights into a model folder")
+    vsub = v.add_subparsers(dest="convert_command", metavar="FORMAT", required=True, parser_class=_Parser)
+    od = vsub.add_parser("openai-dvae", help="OpenAI's released dVAE (encoder.pkl, decoder.pkl) -> a dVAE folder")
+    od.add_argument("encoder", type=Path, help="encoder.pkl")
+    od.add_argument("decoder", type=Path, help="decoder.pkl")
+    od.add_argument("--out", type=Path, required=True, help="dVAE folder to write")
+    od.add_argument("--image-size", type=_bounded(int, 8, None, "--image-size"), default=256,
+                    help="image size the folder is used at (default 256, the released model's)")
+    od.set_defaults(func=cmd_convert)
+
     i = sub.add_parser("info", help="describe a model folder or a preset")
     which = i.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", type=Path)
@@ -236,6 +246,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    for path in (p for p in vars(args).values() if isinstance(p, Path) and p is not args.out):
+        if not path.is_file():
+            raise UsageError(f"{path} does not exist")
+    if args.convert_command == "openai-dvae":
+        from dalle.convert.openai_dvae import convert_openai_dvae
+
+        folder = convert_openai_dvae(args.encoder, args.decoder, args.out, image_size=args.image_size)
+    else:  # argparse only offers the formats above
+        raise UsageError(f"unknown format {args.convert_command}")
+    print(f"converted {args.convert_command} -> {folder}")
     return 0
 
 
