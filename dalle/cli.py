@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
                    help="under torchrun: replicate (ddp) or fully shard (fsdp) the transformer (default ddp)")
     t.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (GPU)")
+    t.add_argument("--dvae", type=Path, default=None,
+                   help="a dVAE folder to use as it is, not trained (e.g. from dalle convert openai-dvae)")
+    t.add_argument("--clip", type=Path, default=None,
+                   help="a CLIP folder to rerank with, not trained (e.g. from dalle convert openai-clip)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a model folder and write JSON")
@@ -228,9 +232,14 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dalle.train import train_component
 
+    for flag in ("dvae", "clip"):
+        folder = getattr(args, flag)
+        if folder is not None and not folder.is_dir():
+            raise UsageError(f"--{flag} {folder} is not a folder (make one with dalle convert)")
+
     out = train_component(args.component, data=args.data, out=args.out, preset=args.preset, steps=args.steps,
                           minutes=args.minutes, resume=args.resume, device=args.device, seed=args.seed,
-                          strategy=args.strategy, compile=args.compile)
+                          strategy=args.strategy, compile=args.compile, dvae=args.dvae, clip=args.clip)
     print(f"trained {args.component}: {out}")
     return 0
 

@@ -181,6 +181,12 @@ class TrainConfig:
     val_fraction: float = 0.02
     val_min: int = 16
     val_max: int = 256
+    # Parts used as they are rather than trained here: "" trains the part; otherwise what
+    # the folder's part was converted from ("openai-dvae", "openai-clip", ...; "folder" for a
+    # part trained elsewhere), set by ``dalle train --dvae DIR`` / ``--clip DIR``.  A preset
+    # that names one (``paper-openai-dvae``) asks for the folder and trains no such part.
+    pretrained_dvae: str = ""
+    pretrained_clip: str = ""
 
 
 @dataclass
@@ -324,7 +330,21 @@ def tiny() -> DalleConfig:
     return cfg
 
 
-PRESETS: dict[str, Callable[[], DalleConfig]] = {"paper": paper, "shapes": shapes, "tiny": tiny}
+def paper_openai_dvae() -> DalleConfig:
+    """The paper's transformer on OpenAI's released dVAE (256 px, 32x32 tokens, 8192 codes), not trained here.
+
+    Convert the released pair first (``dalle convert openai-dvae encoder.pkl decoder.pkl
+    --out D``) and pass ``--dvae D`` to ``dalle train``.  The dVAE section is the released
+    layout (the paper's), so the folder's weights fit it one to one.
+    """
+    cfg = paper()
+    cfg.train.pretrained_dvae = "openai-dvae"
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], DalleConfig]] = {
+    "paper": paper, "paper-openai-dvae": paper_openai_dvae, "shapes": shapes, "tiny": tiny,
+}
 
 
 def get_preset(name: str) -> DalleConfig:

@@ -19,7 +19,7 @@ ProgressCallback = Callable[[int, int], None]
 import torch
 from PIL import Image
 
-from dalle.clip import CLIP
+from dalle.clip import CLIP, load_reranker
 from dalle.data.preprocess import eval_transform
 from dalle.dvae import DiscreteVAE
 from dalle.io import ModelLoadError
@@ -123,7 +123,7 @@ class DallePipeline:
         tokenizer = TextTokenizer.from_pretrained(folder / "tokenizer")
         dvae = DiscreteVAE.from_pretrained(folder / "dvae", device=device)
         transformer = DalleTransformer.from_pretrained(folder / "transformer", device=device)
-        clip = CLIP.from_pretrained(folder / "clip", device=device) if (folder / "clip").is_dir() else None
+        clip = load_reranker(folder / "clip", device=device) if (folder / "clip").is_dir() else None
         return cls(tokenizer, dvae, transformer, clip, device=device)
 
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -203,7 +203,7 @@ class DallePipeline:
             pixels = self.dvae.decode(tokens).float()
             images.append(pixels)
             if self.clip is not None:
-                scores.append(self.clip.score(text, pixels).float())
+                scores.append(self.clip.score(self.reranker_text(prompt, text), pixels).float())
             if progress_callback is not None:
                 progress_callback(start + n, candidates)
         pixels = torch.cat(images)
@@ -215,6 +215,11 @@ class DallePipeline:
             order = torch.arange(keep, device=pixels.device)
         kept = tensor_to_pil(pixels[order])
         return GenerationResult(prompt, kept, all_scores[order].tolist(), seed, all_scores.tolist())
+
+    def reranker_text(self, prompt: str, text: torch.Tensor) -> torch.Tensor:
+        """The prompt as the reranker reads it: our tokenizer's ids, or a converted CLIP's own tokens."""
+        own = getattr(self.clip, "tokenizer", None)
+        return text if own is None else own.encode_batch([prompt]).to(self.device)
 
     def __call__(self, prompt: str, candidates: int = 32, keep: int = 4, seed: int = 0, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, batch_size: int | None = None,

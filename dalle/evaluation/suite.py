@@ -77,7 +77,9 @@ def evaluate_clip(pipe: DallePipeline, samples, seed: int = 0) -> dict[str, floa
         return {"r_at_1": float("nan")}
     from dalle.training.clip import evaluate_clip as clip_retrieval
 
-    return clip_retrieval(pipe.clip, samples, pipe.tokenizer, n=100, seed=seed)
+    # A converted OpenAI CLIP reads captions with its own tokenizer.
+    tokenizer = getattr(pipe.clip, "tokenizer", None) or pipe.tokenizer
+    return clip_retrieval(pipe.clip, samples, tokenizer, n=100, seed=seed)
 
 
 def pick_prompts(dataset, per_category: int) -> dict[str, list[Any]]:
