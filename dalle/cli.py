@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     od.add_argument("--image-size", type=_bounded(int, 8, None, "--image-size"), default=256,
                     help="image size the folder is used at (default 256, the released model's)")
     od.set_defaults(func=cmd_convert)
+    oc = vsub.add_parser("openai-clip", help="OpenAI's released CLIP (a TorchScript .pt) -> a CLIP folder (the reranker)")
+    oc.add_argument("model", type=Path, help="e.g. ViT-B-32.pt")
+    oc.add_argument("--out", type=Path, required=True, help="CLIP folder to write")
+    oc.add_argument("--vocab", type=Path, default=None,
+                    help="CLIP's bpe_simple_vocab_16e6.txt.gz (default: from an installed open_clip_torch or clip-anytorch)")
+    oc.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="describe a model folder or a preset")
     which = i.add_mutually_exclusive_group(required=True)
@@ -259,13 +265,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    for path in (p for p in vars(args).values() if isinstance(p, Path) and p is not args.out):
+    for path in (p for p in vars(args).values() if isinstance(p, Path) and p is not args.out):  # the inputs
         if not path.is_file():
             raise UsageError(f"{path} does not exist")
     if args.convert_command == "openai-dvae":
         from dalle.convert.openai_dvae import convert_openai_dvae
 
         folder = convert_openai_dvae(args.encoder, args.decoder, args.out, image_size=args.image_size)
+    elif args.convert_command == "openai-clip":
+        from dalle.convert.openai_clip import convert_openai_clip
+
+        folder = convert_openai_clip(args.model, args.out, vocab=args.vocab)
     else:  # argparse only offers the formats above
         raise UsageError(f"unknown format {args.convert_command}")
     print(f"converted {args.convert_command} -> {folder}")
