@@ -66,6 +66,8 @@ def test_converted_dvae_gives_the_released_codes_and_reconstructions(released, t
     record = read_conversion(out)
     assert record["converted_from"] == "openai-dvae"
     assert record["sources"]["encoder"]["file"] == "encoder.pkl" and len(record["sources"]["decoder"]["sha256"]) == 64
+    assert main(["info", "--model", str(out)]) == 0
+    assert "dvae: converted from openai-dvae: encoder encoder.pkl" in capsys.readouterr().out
 
 
 def test_the_pair_must_match_and_be_the_released_classes(released, tmp_path, capsys):
