@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--vocab", type=Path, default=None,
                     help="CLIP's bpe_simple_vocab_16e6.txt.gz (default: from an installed open_clip_torch or clip-anytorch)")
     oc.set_defaults(func=cmd_convert)
+    vq = vsub.add_parser("vqgan", help="a taming-transformers VQGAN (last.ckpt, model.yaml) -> an image tokenizer folder")
+    vq.add_argument("checkpoint", type=Path, help="the Lightning checkpoint, e.g. last.ckpt")
+    vq.add_argument("config", type=Path, help="its YAML config, e.g. model.yaml")
+    vq.add_argument("--out", type=Path, required=True, help="image tokenizer folder to write (use it as --dvae)")
+    vq.add_argument("--image-size", type=_bounded(int, 8, None, "--image-size"), default=None,
+                    help="image size the folder is used at (default: the config's resolution)")
+    vq.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="describe a model folder or a preset")
     which = i.add_mutually_exclusive_group(required=True)
@@ -276,6 +283,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from dalle.convert.openai_clip import convert_openai_clip
 
         folder = convert_openai_clip(args.model, args.out, vocab=args.vocab)
+    elif args.convert_command == "vqgan":
+        from dalle.convert.vqgan import convert_vqgan
+
+        folder = convert_vqgan(args.checkpoint, args.config, args.out, image_size=args.image_size)
     else:  # argparse only offers the formats above
         raise UsageError(f"unknown format {args.convert_command}")
     print(f"converted {args.convert_command} -> {folder}")

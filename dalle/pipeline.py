@@ -21,7 +21,7 @@ from PIL import Image
 
 from dalle.clip import CLIP, load_reranker
 from dalle.data.preprocess import eval_transform
-from dalle.dvae import DiscreteVAE
+from dalle.dvae import DiscreteVAE, load_image_tokenizer
 from dalle.io import ModelLoadError
 from dalle.sampling import (
     generate_images_tokens, keep_rows_mask, prepare_for_sampling, region_mask, static_decoder_for, use_static_decoder,
@@ -121,7 +121,7 @@ class DallePipeline:
             raise ModelLoadError(f"model folder {folder} lacks {', '.join(missing)}/ (train it with dalle train ... --out {folder})")
         device = device or default_device()
         tokenizer = TextTokenizer.from_pretrained(folder / "tokenizer")
-        dvae = DiscreteVAE.from_pretrained(folder / "dvae", device=device)
+        dvae = load_image_tokenizer(folder / "dvae", device=device)
         transformer = DalleTransformer.from_pretrained(folder / "transformer", device=device)
         clip = load_reranker(folder / "clip", device=device) if (folder / "clip").is_dir() else None
         return cls(tokenizer, dvae, transformer, clip, device=device)

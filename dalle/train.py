@@ -113,7 +113,7 @@ def _budget(minutes: float | None, share: float, component: str, total_minutes: 
 def build_or_open_token_cache(dataset, out: Path, device: str):
     """Encode the data set once with the trained dVAE (rebuilt when the dVAE changes)."""
     from dalle.data.token_cache import TokenCache, build_token_cache
-    from dalle.dvae import DiscreteVAE
+    from dalle.dvae import load_image_tokenizer
     from dalle.io import WEIGHTS_NAME, file_sha256
 
     dvae_dir = out / "dvae"
@@ -128,7 +128,7 @@ def build_or_open_token_cache(dataset, out: Path, device: str):
                 return cache
         except Exception:  # noqa: BLE001 - a broken cache is rebuilt
             pass
-    dvae = DiscreteVAE.from_pretrained(dvae_dir, device=device)
+    dvae = load_image_tokenizer(dvae_dir, device=device)
     size = dvae.config.image_size
 
     @torch.inference_mode()
@@ -176,11 +176,19 @@ def adopt_pretrained(out: Path, config: DalleConfig, dvae_dir: Path | None, clip
 
     if dvae_dir is not None:
         from dalle.config import DVAEConfig
-        from dalle.dvae import DiscreteVAE
+        from dalle.dvae import DiscreteVAE, load_image_tokenizer
         from dalle.io import CONFIG_NAME
 
-        DiscreteVAE.from_pretrained(dvae_dir)  # a loadable dVAE folder, or a clear error
-        dv = load_config(DVAEConfig, Path(dvae_dir) / CONFIG_NAME)
+        tokenizer = load_image_tokenizer(dvae_dir)  # a loadable folder, or a clear error
+        if isinstance(tokenizer, DiscreteVAE):
+            dv = load_config(DVAEConfig, Path(dvae_dir) / CONFIG_NAME)
+        else:
+            # Another image tokenizer (a converted VQGAN) builds itself from its own folder;
+            # the dvae section then only states its grid, for the config's consistency checks.
+            c = tokenizer.config
+            levels = len(c.ch_mult)
+            dv = DVAEConfig(image_size=c.image_size, codebook_size=c.codebook_size, num_groups=levels,
+                            width_multipliers=(1,) * levels, quantizer="vq", code_dim=c.embed_dim)
         if (out / "transformer" / "config.json").is_file() and (dv.codebook_size, dv.grid_size) != (
                 config.transformer.image_vocab, config.transformer.image_grid):
             raise ConfigError(f"{out} already has a transformer for another dVAE; give a new --out")
@@ -276,7 +284,7 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
 
             train_dvae(dataset, out, config, minutes=budget, strategy=strategy, **common)
         elif stage == "transformer":
-            from dalle.dvae import DiscreteVAE
+            from dalle.dvae import load_image_tokenizer
             from dalle.tokenizer import TextTokenizer
             from dalle.training.state import holdout
             from dalle.training.transformer import train_transformer
@@ -284,7 +292,7 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
             tokenizer = _need_tokenizer(out)
             with main_process_first(info):
                 cache = build_or_open_token_cache(dataset, out, device)
-            dvae = DiscreteVAE.from_pretrained(out / "dvae", device=device)
+            dvae = load_image_tokenizer(out / "dvae", device=device)
             # The token cache lists the data set's items in order, so its tail holds the images the
             # dVAE and CLIP hold out; the count comes from the data set itself, because items the
             # cache left out (bad images) would otherwise shift the split's size.  None: too small
