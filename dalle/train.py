@@ -210,7 +210,13 @@ def adopt_pretrained(out: Path, config: DalleConfig, dvae_dir: Path | None, clip
     if clip_dir is not None:
         from dalle.clip import load_reranker
 
-        load_reranker(clip_dir)  # a loadable CLIP folder, or a clear error
+        reranker = load_reranker(clip_dir)  # a loadable CLIP folder, or a clear error
+        if getattr(reranker, "tokenizer", None) is None:  # ours: it reads the model folder's text ids
+            c, tok = reranker.config, config.tokenizer
+            if (c.text_vocab, c.text_len) != (tok.total_vocab, tok.text_len):
+                raise ConfigError(f"the CLIP in {clip_dir} reads {c.text_len} text ids over {c.text_vocab}, but this "
+                                  f"model's tokenizer gives {tok.text_len} over {tok.total_vocab}; it was trained "
+                                  "with another tokenizer")
         record = read_conversion(clip_dir)
         config.train.pretrained_clip = record.get("converted_from", "folder") if record else "folder"
         _copy_part(Path(clip_dir), out / "clip", "CLIP")

@@ -101,7 +101,13 @@ def _rebuild_tensor(storage: torch.Tensor, offset: int, size: Iterable[int], str
     """A view of the flat ``storage`` (requires_grad, hooks and metadata are ignored)."""
     if not isinstance(storage, torch.Tensor):
         raise UnsafeFileError(f"a tensor refers to a {type(storage).__name__}, not a storage record")
-    return torch.as_strided(storage, tuple(size), tuple(stride), offset)
+    size, stride = tuple(size), tuple(stride)
+    if len(size) != len(stride) or min((*size, *stride, offset), default=0) < 0:
+        raise UnsafeFileError(f"a tensor record has an impossible layout (size {size}, stride {stride}, offset {offset})")
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride)) if all(size) else offset - 1
+    if last >= storage.numel():
+        raise UnsafeFileError(f"a tensor of size {size} reaches past its storage of {storage.numel()} elements")
+    return torch.as_strided(storage, size, stride, offset)
 
 
 def _rebuild_parameter(data: torch.Tensor, *_: Any) -> torch.Tensor:

@@ -106,3 +106,16 @@ def test_torchscript_archives_are_read_from_their_records(tmp_path):
     tensors = module_tensors(obj)
     for name, t in model.state_dict().items():
         assert torch.equal(tensors[name], t), name
+
+
+def test_a_tensor_reaching_past_its_storage_is_refused(tmp_path):
+    torch.save({"w": torch.arange(10.0)}, tmp_path / "w.pt")
+    with zipfile.ZipFile(tmp_path / "w.pt") as z:
+        records = {n: z.read(n) for n in z.namelist()}
+    name = next(n for n in records if n.endswith("/data/0"))
+    records[name] = records[name][:16]  # 4 of the 10 floats left
+    with zipfile.ZipFile(tmp_path / "short.pt", "w") as z:
+        for n, data in records.items():
+            z.writestr(n, data)
+    with pytest.raises(UnsafeFileError, match="shorter than its 10 elements|reaches past its storage"):
+        read_torch_file(tmp_path / "short.pt")
