@@ -217,6 +217,10 @@ def adopt_pretrained(out: Path, config: DalleConfig, dvae_dir: Path | None, clip
                 raise ConfigError(f"the CLIP in {clip_dir} reads {c.text_len} text ids over {c.text_vocab}, but this "
                                   f"model's tokenizer gives {tok.text_len} over {tok.total_vocab}; it was trained "
                                   "with another tokenizer")
+            if c.image_size != config.dvae.image_size:
+                raise ConfigError(f"the CLIP in {clip_dir} scores {c.image_size} px images but the dVAE makes "
+                                  f"{config.dvae.image_size} px ones")
+            config.clip = c
         record = read_conversion(clip_dir)
         config.train.pretrained_clip = record.get("converted_from", "folder") if record else "folder"
         _copy_part(Path(clip_dir), out / "clip", "CLIP")
