@@ -4,6 +4,8 @@ Names are imported on first use, so ``import dalle.data`` stays cheap (and
 ``dalle.data.shapes`` does not pull in torch).
 
 * :mod:`dalle.data.shapes` - the shapes set (``ShapesDataset``, ``write_shapes``).
+* :mod:`dalle.data.shapes_twins` - hard-negative twins of shapes items, offered to the CLIP loop
+  through ``ShapesDataset.hard_negatives``.
 * :mod:`dalle.data.datasets` - readers for folders, MS-COCO and WebDataset shards (indexed or streamed),
   :func:`open_dataset`, :func:`load_image` and the bad-image accounting.
 * :mod:`dalle.data.preprocess` - the paper's crop/resize, batching, :func:`make_loader`.

@@ -501,6 +501,14 @@ class ShapesDataset:
         for i in range(self.size):
             yield self[i]
 
+    def hard_negatives(self, items: Sequence[Sample], captions: Sequence[str],
+                       rng: np.random.Generator) -> tuple[list[Any], list[str]]:
+        """The CLIP loop's hook (:class:`dalle.training.clip.HardNegativeSource`): one near-miss
+        twin per item (:func:`dalle.data.shapes_twins.hard_negative_twins`)."""
+        from dalle.data.shapes_twins import hard_negative_twins
+
+        return hard_negative_twins(items, captions, rng)
+
 
 # --- Writing a folder -------------------------------------------------------------
 _WRITE_CHUNK = 500  # items per task handed to a worker process

@@ -30,8 +30,9 @@ from dalle.data.preprocess import derive_seed
 from dalle.data.shapes import ShapesDataset
 from dalle.tokenizer import TextTokenizer
 from dalle.training import distributed as dd
+from dalle.data.shapes_twins import hard_negative_twins
 from dalle.training.clip import (SPEED_PROBE_STEPS, EmbedForward, caption_positives, draw_batch, gather_rows, global_batch_loss,
-                                 hard_negative_twins, image_to_tensor, slice_bounds, train_clip)
+                                 image_to_tensor, slice_bounds, train_clip)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform == "win32",
                                 reason="needs torch.distributed with Gloo")
