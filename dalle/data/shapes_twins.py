@@ -111,17 +111,19 @@ class Twin:
         return self._image
 
 
-def hard_negative_twins(items: Sequence[Any], captions: Sequence[str],
-                        rng: np.random.Generator) -> tuple[list[Twin], list[str]]:
+def hard_negative_twins(items: Sequence[Any], captions: Sequence[str], rng: np.random.Generator,
+                        accept: Callable[[shapes.Scene], bool] | None = None) -> tuple[list[Twin], list[str]]:
     """One near-miss twin per shapes item: its scene with one attribute its caption names
     changed, rendered, with all its true captions and one of them picked for the batch.
 
     The attribute is drawn among those that apply to the caption with
-    :data:`TWIN_WEIGHTS`, which favour what the model learns last.
+    :data:`TWIN_WEIGHTS`, which favour what the model learns last.  ``accept`` keeps
+    only the twins it approves (training passes :func:`dalle.data.shapes.belongs_to`
+    of its split, so a twin never shows what the split holds out).
     """
     twins, twin_captions = [], []
     for item, caption in zip(items, captions):
-        options = {what: perturb_scene(item.scene, caption, what, rng) for what in PERTURBATIONS}
+        options = {what: perturb_scene(item.scene, caption, what, rng, accept=accept) for what in PERTURBATIONS}
         options = {what: scene for what, scene in options.items() if scene is not None}
         if not options:  # colour nearly always applies; a scene with no twin goes without
             continue

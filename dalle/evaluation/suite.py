@@ -8,6 +8,11 @@ Reports (keys of shared/INTERFACE.md):
 - ``shapes``: judge pass rates per category for the CLIP top-1 of N candidates, for
   a random pick of the same candidates (the reranking gain is the difference), and
   for the real images (the upper bound).
+
+Prompts are the first captions of test-split images.  The shapes set holds out
+captions as well as images: every test scene shows a held-out colour-shape pair
+(zero_shot) or describes a held-out description (``dalle.data.shapes.
+HELD_OUT_DESCRIPTIONS``), so no prompt, nor any paraphrase of it, is a training caption.
 """
 
 from __future__ import annotations
@@ -137,6 +142,7 @@ def evaluate_model(model: str | Path | None = None, *, prompts_per_category: int
     report["reranking_gain"] = shapes["reranked_top1"]["overall"] - shapes["random_pick"]["overall"]
     report["settings"] = {"model": str(model) if model else "bundled", "prompts_per_category": prompts_per_category,
                           "candidates": candidates, "seed": seed, "held_out_split": HELD_OUT_SPLIT,
+                          "held_out": "images (test split) and captions (held-out pairs and descriptions)",
                           "seconds": round(time.time() - started, 1)}
     return report
 
