@@ -70,6 +70,9 @@ def _add_sampling_options(p: argparse.ArgumentParser, with_sampling: bool = True
         p.add_argument("--temperature", type=_bounded(float, 1e-3, 10.0, "--temperature"), default=1.0)
         p.add_argument("--top-k", type=_bounded(int, 1, None, "--top-k"), default=None)
         p.add_argument("--top-p", type=_bounded(float, 1e-6, 1.0, "--top-p"), default=None)
+        p.add_argument("--guidance", type=_bounded(float, 0.0, 100.0, "--guidance"), default=1.0,
+                       help="classifier-free guidance scale S: 1 = none (default), above 1 follows the prompt more "
+                            "closely, 0 ignores it; needs a model trained with null captions; samples 2 rows a candidate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +179,7 @@ def _load_pipeline(args: argparse.Namespace):
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(candidates=args.candidates, keep=args.keep, seed=args.seed, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size)
+                top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size, guidance=args.guidance)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
