@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out images for the dVAE, transformer and CLIP figures (default 512)")
     e.add_argument("--device", default=None)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--guidance", type=_bounded(float, 0.0, 100.0, "--guidance"), default=1.0,
+                   help="classifier-free guidance scale of the generated candidates (1 = none)")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="describe a model folder or a preset")
@@ -233,7 +235,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     report = evaluate_model(args.model, prompts_per_category=args.prompts_per_category, candidates=args.candidates,
                             device=args.device, seed=args.seed, progress=True,
-                            held_out_size=args.held_out)
+                            held_out_size=args.held_out, guidance=args.guidance)
     print(format_report(report))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
