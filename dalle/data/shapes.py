@@ -35,8 +35,8 @@ of what each phrasing can describe -- 4 of the 20 colour-shape pairs in the bare
 phrasing, 8 of the 40 size-colour-shape triples, 36 of the 180 colour-shape-region
 combinations, 38 of the 190 unordered pairs of objects ("X and Y"), and for 76 of the
 380 pairs-and-relations one orientation ("X to the left of Y", "X above Y"; its mirror
-image, "Y to the left of X", stays in training) -- is described only in val and test, and every val/test
-scene of those categories describes one of them.  So no caption of a val/test scene
+image, "Y to the left of X", stays in training) -- is described only in val and test,
+and every val/test scene of those categories describes one of them.  So no caption of a val/test scene
 is ever a caption of a train scene: the evaluation asks for descriptions never seen
 in training, each made of parts that were.  :func:`belongs_to` is the rule, for
 scenes drawn here and for scenes made from them (hard-negative twins).
@@ -374,8 +374,8 @@ def _single(rng: np.random.Generator, identity: tuple[str, str], kind: str, size
         return (ShapeObject(colour, shape, s, x0, y0),)
     # Region captions: draw the region first (uniform over the 9 cells; uniform
     # positions would favour the center), then a position whose centre sits in it.
-    cell = REGIONS.index(region) if region is not None else int(rng.integers(9))
-    row, col = divmod(cell, 3)
+    index = REGIONS.index(region) if region is not None else int(rng.integers(9))
+    row, col = divmod(index, 3)
     while True:
         s = _size(rng, size)
         ranges = []

@@ -112,12 +112,13 @@ class Twin:
 
 
 def hard_negative_twins(items: Sequence[Any], captions: Sequence[str], rng: np.random.Generator,
-                        accept: Callable[[shapes.Scene], bool] | None = None) -> tuple[list[Twin], list[str]]:
+                        accept: Callable[[shapes.Scene], bool] | None = None,
+                        weights: dict[str, float] | None = None) -> tuple[list[Twin], list[str]]:
     """One near-miss twin per shapes item: its scene with one attribute its caption names
     changed, rendered, with all its true captions and one of them picked for the batch.
 
     The attribute is drawn among those that apply to the caption with
-    :data:`TWIN_WEIGHTS`, which favour what the model learns last.  ``accept`` keeps
+    ``weights`` (default :data:`TWIN_WEIGHTS`, which favour what the model learns last).  ``accept`` keeps
     only the twins it approves (training passes :func:`dalle.data.shapes.belongs_to`
     of its split, so a twin never shows what the split holds out).
     """
@@ -128,8 +129,8 @@ def hard_negative_twins(items: Sequence[Any], captions: Sequence[str], rng: np.r
         if not options:  # colour nearly always applies; a scene with no twin goes without
             continue
         names = sorted(options)
-        weights = np.array([TWIN_WEIGHTS[what] for what in names], dtype=float)
-        scene = options[names[int(rng.choice(len(names), p=weights / weights.sum()))]]
+        w = np.array([(weights or TWIN_WEIGHTS)[what] for what in names], dtype=float)
+        scene = options[names[int(rng.choice(len(names), p=w / w.sum()))]]
         own = shapes.all_captions(scene)
         # Its caption must be false of the original ("a red circle in the top left"
         # still fits the original of a size twin), else the pair teaches nothing.
