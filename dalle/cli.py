@@ -68,6 +68,9 @@ def _add_sampling_options(p: argparse.ArgumentParser, with_sampling: bool = True
         p.add_argument("--temperature", type=_bounded(float, 1e-3, 10.0, "--temperature"), default=1.0)
         p.add_argument("--top-k", type=_bounded(int, 1, None, "--top-k"), default=None)
         p.add_argument("--top-p", type=_bounded(float, 1e-6, 1.0, "--top-p"), default=None)
+        p.add_argument("--guidance", type=_bounded(float, 0.0, 100.0, "--guidance"), default=1.0,
+                       help="classifier-free guidance scale S: 1 = none (default), above 1 follows the prompt more "
+                            "closely, 0 ignores it; needs a model trained with null captions; samples 2 rows a candidate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out images for the dVAE, transformer and CLIP figures (default 512)")
     e.add_argument("--device", default=None)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--guidance", type=_bounded(float, 0.0, 100.0, "--guidance"), default=1.0,
+                   help="classifier-free guidance scale of the generated candidates (1 = none)")
     e.set_defaults(func=cmd_eval)
 
     v = sub.add_parser("convert", help="convert other projects' released weights into a model folder")
@@ -201,7 +206,7 @@ def _load_pipeline(args: argparse.Namespace):
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(candidates=args.candidates, keep=args.keep, seed=args.seed, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size)
+                top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size, guidance=args.guidance)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -260,7 +265,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     report = evaluate_model(args.model, prompts_per_category=args.prompts_per_category, candidates=args.candidates,
                             device=args.device, seed=args.seed, progress=True,
-                            held_out_size=args.held_out)
+                            held_out_size=args.held_out, guidance=args.guidance)
     print(format_report(report))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
