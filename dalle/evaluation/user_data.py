@@ -200,12 +200,13 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
 
 def evaluate_user_data(model: str | Path | None, data: str, *, captions: int = 32, candidates: int = 8,
                        device: str | None = None, seed: int = 0, progress: bool = True,
-                       train_images: int | None = None) -> dict[str, Any]:
+                       train_images: int | None = None, guidance: float = 1.0) -> dict[str, Any]:
     """The report of the module docstring for ``model`` on the held-out split of ``data``.
 
     ``captions``: held-out captions to generate for; ``candidates``: images sampled per
     caption before the CLIP picks the top one; ``train_images``: training images the copying
-    check compares with (default all; fewer is faster on a large set).
+    check compares with (default all; fewer is faster on a large set); ``guidance``: the
+    classifier-free guidance scale of the samples (1: none).
     """
     from dalle.train import open_training_data
     from dalle.training.state import spread
@@ -250,16 +251,17 @@ def evaluate_user_data(model: str | Path | None, data: str, *, captions: int = 3
                           "chance": 1 / pool}
         report["generated"] = _generated(pipe, held_items, held_images, text_emb, image_emb, dataset, n_train,
                                          captions=captions, candidates=candidates, seed=seed, progress=progress,
-                                         train_images=train_images)
+                                         train_images=train_images, guidance=guidance)
     report["settings"] = {"model": str(model) if model else "bundled", "captions": captions,
-                          "candidates": candidates, "seed": seed, "device": str(pipe.device),
+                          "candidates": candidates, "guidance": guidance, "seed": seed, "device": str(pipe.device),
                           "seconds": round(time.time() - started, 1)}
     return report
 
 
 def _generated(pipe: DallePipeline, held_items: list[tuple[int, Any]], held_images: torch.Tensor,
                text_emb: torch.Tensor, image_emb: torch.Tensor, dataset: Any, n_train: int, *, captions: int,
-               candidates: int, seed: int, progress: bool, train_images: int | None) -> dict[str, Any]:
+               candidates: int, seed: int, progress: bool, train_images: int | None,
+               guidance: float = 1.0) -> dict[str, Any]:
     from dalle.training.state import spread
 
     chosen = spread(len(held_items), min(captions, len(held_items)))
@@ -270,7 +272,7 @@ def _generated(pipe: DallePipeline, held_items: list[tuple[int, Any]], held_imag
         work = tqdm(chosen, desc="eval: generating", unit="caption")
     tops = []
     for i in work:
-        result = pipe(held_items[i][1].captions[0], candidates=candidates, keep=1, seed=seed + i)
+        result = pipe(held_items[i][1].captions[0], candidates=candidates, keep=1, seed=seed + i, guidance=guidance)
         tops.append(result.images[0])
     generated = _pixels(tops, pipe.image_size)
     pool = min(CLIP_POOL, len(held_items))
