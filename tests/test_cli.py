@@ -199,6 +199,7 @@ def test_eval_on_a_users_folder_reports_the_interface_keys(tiny_model, tmp_path,
     g = report["generated"]
     assert g["self_judged"] is True and g["captions"] == 3 and 0 <= g["r_precision"] <= 1
     assert g["copying"]["train_images_compared"] == 32 and g["copying"]["real_nearest_train_rms"]["mean"] > 0
+    assert 0 <= g["copying"]["generated_copies"] <= 1 and g["copying"]["real_copy_ratio"]["median"] > 0
     assert "R-precision" in capsys.readouterr().out
 
 

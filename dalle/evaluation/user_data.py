@@ -20,9 +20,10 @@ is simply its last items.  The report (JSON keys; the README lists them too):
   captions, and ``real_r_precision`` the same for the real held-out image of that caption.
   Self-judged: the CLIP that picked the top image also scores it, which flatters generated
   images (the report says so in ``self_judged``/``note``).
-- ``copying``: each generated top image's distance to its nearest training image (RMS over
-  32x32 pixels in [0, 1]) against the same distance for the real held-out images; a model
-  that copies its training images gives much smaller distances than real unseen images do.
+- ``generated.copying``: each generated top image's distance to its nearest training image
+  (RMS over 32x32 pixels in [0, 1]) against the same for the real held-out images, and the
+  copy ratio (nearest distance over the mean of the next nine: near 0 for a copy of one
+  training image, near 1 for an image that is merely simple), with the share of copies.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 from dalle.pipeline import DallePipeline
 
 COPY_SIDE = 32  # images compared for the copying check at this size (pixels in [0, 1])
+COPY_NEIGHBOURS = 10  # the copy ratio compares the nearest training image with the next nine
+COPY_RATIO = 0.5  # nearer than half the distance to the next nearest ones: a copy
 CLIP_POOL = 100
 
 
@@ -163,15 +166,28 @@ def r_precision(image: torch.Tensor, text: torch.Tensor, own: Sequence[int], poo
     return hits / max(len(own), 1)
 
 
-def nearest_distances(queries: torch.Tensor, library: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """RMS pixel distance of each query image to its nearest image of ``library`` (both ``[N, D]``)."""
+def nearest_distances(queries: torch.Tensor, library: torch.Tensor, k: int = 1, batch: int = 256) -> torch.Tensor:
+    """RMS pixel distances of each query image to its ``k`` nearest images of ``library`` (both
+    ``[N, D]``), nearest first: ``[N]`` for ``k=1``, else ``[N, k]``."""
     lib_sq = library.pow(2).sum(dim=1)
+    k = min(k, len(library))
     best = []
     for lo in range(0, len(queries), batch):
         q = queries[lo:lo + batch]
         d2 = q.pow(2).sum(dim=1, keepdim=True) + lib_sq[None] - 2 * q @ library.t()
-        best.append(d2.clamp(min=0).min(dim=1).values)
-    return (torch.cat(best) / queries.shape[1]).sqrt()
+        best.append(d2.clamp(min=0).topk(k, dim=1, largest=False).values)
+    d = (torch.cat(best) / queries.shape[1]).sqrt()
+    return d[:, 0] if k == 1 else d
+
+
+def copy_ratio(distances: torch.Tensor) -> torch.Tensor:
+    """Nearest distance over the mean of the next nearest ones (rows of ``[N, k]``, nearest first).
+
+    Near 0 for a copy of one training image (much closer to it than to any other); near 1
+    for an image merely simple or typical (a flat blob is about as close to many training
+    images), which a plain nearest distance would mistake for a copy.
+    """
+    return distances[:, 0] / distances[:, 1:].mean(dim=1).clamp(min=1e-8)
 
 
 def _small(images: torch.Tensor) -> torch.Tensor:
@@ -184,12 +200,13 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
 
 def evaluate_user_data(model: str | Path | None, data: str, *, captions: int = 32, candidates: int = 8,
                        device: str | None = None, seed: int = 0, progress: bool = True,
-                       train_images: int | None = None) -> dict[str, Any]:
+                       train_images: int | None = None, guidance: float = 1.0) -> dict[str, Any]:
     """The report of the module docstring for ``model`` on the held-out split of ``data``.
 
     ``captions``: held-out captions to generate for; ``candidates``: images sampled per
     caption before the CLIP picks the top one; ``train_images``: training images the copying
-    check compares with (default all; fewer is faster on a large set).
+    check compares with (default all; fewer is faster on a large set); ``guidance``: the
+    classifier-free guidance scale of the samples (1: none).
     """
     from dalle.train import open_training_data
     from dalle.training.state import spread
@@ -234,16 +251,17 @@ def evaluate_user_data(model: str | Path | None, data: str, *, captions: int = 3
                           "chance": 1 / pool}
         report["generated"] = _generated(pipe, held_items, held_images, text_emb, image_emb, dataset, n_train,
                                          captions=captions, candidates=candidates, seed=seed, progress=progress,
-                                         train_images=train_images)
+                                         train_images=train_images, guidance=guidance)
     report["settings"] = {"model": str(model) if model else "bundled", "captions": captions,
-                          "candidates": candidates, "seed": seed, "device": str(pipe.device),
+                          "candidates": candidates, "guidance": guidance, "seed": seed, "device": str(pipe.device),
                           "seconds": round(time.time() - started, 1)}
     return report
 
 
 def _generated(pipe: DallePipeline, held_items: list[tuple[int, Any]], held_images: torch.Tensor,
                text_emb: torch.Tensor, image_emb: torch.Tensor, dataset: Any, n_train: int, *, captions: int,
-               candidates: int, seed: int, progress: bool, train_images: int | None) -> dict[str, Any]:
+               candidates: int, seed: int, progress: bool, train_images: int | None,
+               guidance: float = 1.0) -> dict[str, Any]:
     from dalle.training.state import spread
 
     chosen = spread(len(held_items), min(captions, len(held_items)))
@@ -254,7 +272,7 @@ def _generated(pipe: DallePipeline, held_items: list[tuple[int, Any]], held_imag
         work = tqdm(chosen, desc="eval: generating", unit="caption")
     tops = []
     for i in work:
-        result = pipe(held_items[i][1].captions[0], candidates=candidates, keep=1, seed=seed + i)
+        result = pipe(held_items[i][1].captions[0], candidates=candidates, keep=1, seed=seed + i, guidance=guidance)
         tops.append(result.images[0])
     generated = _pixels(tops, pipe.image_size)
     pool = min(CLIP_POOL, len(held_items))
@@ -274,17 +292,23 @@ def _generated(pipe: DallePipeline, held_items: list[tuple[int, Any]], held_imag
         chunk = _items(dataset, list(library_idx)[lo:lo + 512])
         library.append(_small(_pixels([item.image for _, item in chunk], pipe.image_size)))
     library_t = torch.cat(library)
-    gen_d = nearest_distances(_small(generated), library_t)
-    real_d = nearest_distances(_small(held_images[chosen]), library_t)
+    gen_k = nearest_distances(_small(generated), library_t, k=COPY_NEIGHBOURS)
+    real_k = nearest_distances(_small(held_images[chosen]), library_t, k=COPY_NEIGHBOURS)
+    gen_d, real_d = gen_k[:, 0], real_k[:, 0]
     out["copying"] = {
         "generated_nearest_train_rms": _summary(gen_d),
         "real_nearest_train_rms": _summary(real_d),
-        "closer_than_every_real": float((gen_d < real_d.min()).float().mean()),
+        "generated_copy_ratio": _summary(copy_ratio(gen_k)) if gen_k.shape[1] > 1 else None,
+        "real_copy_ratio": _summary(copy_ratio(real_k)) if real_k.shape[1] > 1 else None,
+        "generated_copies": float((copy_ratio(gen_k) < COPY_RATIO).float().mean()) if gen_k.shape[1] > 1 else None,
+        "real_copies": float((copy_ratio(real_k) < COPY_RATIO).float().mean()) if real_k.shape[1] > 1 else None,
         "train_images_compared": len(library_t),
         "note": (f"RMS pixel distance ({COPY_SIDE}x{COPY_SIDE}, pixels in [0, 1]) from each generated top image, and "
-                 "from each real held-out image of the same captions, to its nearest training image; "
-                 "closer_than_every_real is the share of generated images nearer a training image than any real "
-                 "held-out image is (copies)."),
+                 "from each real held-out image of the same captions, to its nearest training image.  A small "
+                 "distance alone can mean a simple image (a flat blob is near many training images), so the copy "
+                 f"ratio divides it by the mean distance to the next {COPY_NEIGHBOURS - 1} nearest: near 0 for a copy "
+                 f"of one training image, near 1 otherwise; *_copies is the share under {COPY_RATIO}.  Real held-out "
+                 "images give the level of near-duplicates the data itself has."),
     }
     return out
 
@@ -306,7 +330,7 @@ def format_user_report(report: dict[str, Any]) -> str:
             f"{g['real_r_precision']:.1%} for the real held-out images, {g['captions']} captions, among {g['pool']} "
             "(self-judged by the model's CLIP)",
             f"copying     nearest training image: generated {cp['generated_nearest_train_rms']['median']:.3f} "
-            f"RMS (median), real held-out {cp['real_nearest_train_rms']['median']:.3f}; "
-            f"{cp['closer_than_every_real']:.0%} of generated images closer than any real one",
+            f"RMS (median), real held-out {cp['real_nearest_train_rms']['median']:.3f}; copies (nearest under "
+            f"{COPY_RATIO} of the next ones): generated {cp['generated_copies'] or 0:.0%}, real {cp['real_copies'] or 0:.0%}",
         ]
     return "\n".join(lines)

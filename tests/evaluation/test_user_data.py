@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dalle.evaluation.user_data import nearest_distances, r_precision, retrieval_r_at_1, ssim
+from dalle.evaluation.user_data import copy_ratio, nearest_distances, r_precision, retrieval_r_at_1, ssim
 
 
 def test_ssim_is_one_for_equal_images_and_drops_with_noise_and_blur():
@@ -30,3 +30,14 @@ def test_nearest_distances_find_copies():
     others = torch.rand(2, 12) + 2.0
     d = nearest_distances(torch.cat([copies, others]), library)
     assert d[:2].max() == pytest.approx(0.0, abs=1e-3) and (d[2:] > 1.0).all()
+
+
+def test_copy_ratio_tells_a_copy_from_a_simple_image():
+    g = torch.Generator().manual_seed(0)
+    library = torch.rand(40, 48, generator=g)
+    copy = library[5] + 0.01 * torch.randn(48, generator=g)
+    blob = torch.full((48,), 0.5)  # near the middle of everything, a copy of nothing
+    d = nearest_distances(torch.stack([copy, blob]), library, k=10)
+    assert d.shape == (2, 10) and (d[:, 1:] >= d[:, :1]).all()
+    ratio = copy_ratio(d)
+    assert ratio[0] < 0.1 and ratio[1] > 0.7
