@@ -357,7 +357,8 @@ def _generate(model, text_ids, temperature, top_k, top_p, generator, known_token
     logits = _prefill(model, text_ids, tokens, first, cache, positions)
 
     # 2. Sample in raster order; feed each sampled token together with the kept run after it.
-    # A sparse layer reads only its allowed keys: at 32x32 a row layer's 288 instead of up to 1279.
+    # A sparse layer reads only its allowed keys: at 32x32 a row layer's 289 (256 text + 33 image)
+    # instead of up to 1279.
     keys = {kind: allowed_keys(kind, t, g, cfg.conv_kernel, device) for kind in set(model.kinds) if kind != "full"}
     j = first
     while True:
