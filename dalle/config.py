@@ -79,6 +79,12 @@ class DVAEConfig:
     # Gumbel only: feed the decoder the one-hot argmax of the relaxed sample while the
     # gradient follows the relaxation (straight-through); False is the paper's.
     straight_through: bool = False
+    # Channels of the decoder's 1x1 input convolution over the (soft) one-hot code; its
+    # first residual block then widens them to the first decoder group (with a 1x1
+    # convolution on the identity path).  OpenAI's released dVAE maps the 8192 one-hot
+    # channels to 128 here.  0: straight to the first decoder group's width, the layout of
+    # model folders written before this field existed (see LEGACY_DEFAULTS).
+    decoder_init_width: int = 128
 
     def __post_init__(self) -> None:
         self.width_multipliers = tuple(self.width_multipliers)  # JSON gives a list
@@ -211,6 +217,13 @@ class DalleConfig:
 
 # --- (de)serialisation -------------------------------------------------------
 
+# Fields added after model folders were first written, with the value that a file
+# lacking the field meant (the behaviour of the code that wrote it).  A new config takes
+# the dataclass default; an old file keeps what it was trained with.
+LEGACY_DEFAULTS: dict[type, dict[str, Any]] = {
+    DVAEConfig: {"decoder_init_width": 0},
+}
+
 
 def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Build dataclass ``cls`` from ``data``, naming unknown or ill-typed fields."""
@@ -220,7 +233,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") 
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}")
-    kwargs = {}
+    kwargs = {name: value for name, value in LEGACY_DEFAULTS.get(cls, {}).items() if name not in data}
     for name, value in data.items():
         default = getattr(cls(), name)  # type: ignore[call-arg]
         if dataclasses.is_dataclass(default):
