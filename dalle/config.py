@@ -161,7 +161,11 @@ class TrainConfig:
 
     dvae_steps: int = 3000
     dvae_batch: int = 32
-    dvae_lr: float = 1e-3
+    dvae_lr: float = 1e-3  # peak step size; cosine down to 1/80 of it (the paper: 1e-4 -> 1.25e-6)
+    # Shares of the dVAE run spent annealing the Gumbel temperature 1 -> 1/16 (the paper: its
+    # first 150k of 3M updates, 5%) and warming the KL weight up from 0 (the paper: 5k updates).
+    dvae_temperature_fraction: float = 0.05
+    dvae_kl_warmup_fraction: float = 0.05
     transformer_steps: int = 3000
     transformer_batch: int = 32
     transformer_lr: float = 1e-3
@@ -276,6 +280,7 @@ def paper() -> DalleConfig:
         dvae=DVAEConfig(),
         transformer=TransformerConfig(),
         clip=CLIPConfig(text_layers=12, text_width=512, text_heads=8, image_layers=12, image_width=768, image_heads=12, embed_dim=512),
+        train=TrainConfig(dvae_lr=1e-4),  # appendix A.2: step size 1e-4 -> 1.25e-6
     )
 
 
