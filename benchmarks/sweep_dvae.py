@@ -57,6 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="section.field=value (JSON) on the preset")
     ap.add_argument("--name", required=True)
+    ap.add_argument("--group", default="", help="label shared by runs made side by side (same load)")
     ap.add_argument("--minutes", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--preset", default="shapes")
@@ -81,7 +82,7 @@ def main() -> None:
     stats = evaluate_dvae(model, val, n=args.eval_n)
     rows = (out / "logs" / "dvae.csv").read_text().strip().splitlines()
     steps = int(rows[-1].split(",")[0])
-    result = {"name": args.name, "overrides": overrides, "minutes": args.minutes, "threads": args.threads,
+    result = {"name": args.name, "group": args.group, "overrides": overrides, "minutes": args.minutes, "threads": args.threads,
               "steps": steps, "train_seconds": round(seconds, 1), "s_per_step": round(seconds / steps, 3),
               "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
               **{k: round(v, 4) for k, v in stats.items()}, "folder": str(out)}

@@ -79,6 +79,31 @@ def quality_section(report: dict, title: str, command: str) -> list[str]:
     return lines
 
 
+def dvae_sweep_section(rows: list[dict], notes: str | None) -> list[str]:
+    """The table of benchmarks/sweep_dvae.py runs (results/sweep_dvae.jsonl) and the notes beside it."""
+    lines = ["## dVAE recipe sweep: which lever matters (shapes set, 1 thread a run, shared CPU)", ""]
+    if notes:
+        lines += [notes.strip(), ""]
+    lines += ["| runs side by side | run | quantizer | likelihood | beta | samples | tau, beta warm-up (share of run) | peak step size | budget (min) | steps "
+              "| trained (min) | s/step | load avg (start, end) | held-out PSNR | codes used (held out) | perplexity |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        o = r["overrides"]
+        gumbel = o.get("dvae.quantizer", "vq") == "gumbel"
+        quantizer = "Gumbel" if gumbel else "VQ (shapes preset)"
+        likelihood = o.get("dvae.recon_loss", "mse")
+        beta = o.get("dvae.kl_weight", 0.2) if gumbel else "-"
+        samples = ("straight-through" if o.get("dvae.straight_through", True) else "soft") if gumbel else "-"
+        lr = o.get("train.dvae_lr", 2e-3)
+        shares = (f"{o.get('train.dvae_temperature_fraction', 0.05):g}, {o.get('train.dvae_kl_warmup_fraction', 0.05):g}"
+                  if gumbel else "-")
+        load = ", ".join(f"{x:g}" for x in r["load_avg"])
+        lines.append(f"| {r.get('group', '')} | {r['name']} | {quantizer} | {likelihood} | {beta} | {samples} | {shares} | {lr:g} "
+                     f"| {r['minutes']:g} | {r['steps']} | {r['train_seconds'] / 60:.1f} | {r['s_per_step']:.2f} | {load} | {r['psnr']:.2f} dB "
+                     f"| {pct(r['codebook_usage'])} | {r['perplexity']:.1f} |")
+    return lines + [""]
+
+
 def gpu_section(bench: dict) -> list[str]:
     meta = bench.get("meta") or next((v for v in bench.values() if isinstance(v, dict) and "device" in v), {})
     lines = ["## One GPU", ""]
@@ -132,6 +157,10 @@ def main() -> None:
     if dvae:
         lines += ["## dVAE: Gumbel-softmax against VQ-VAE (2 CPU cores)", "", "`" + dvae.splitlines()[0] + "`", "", "```",
                   *dvae.splitlines()[1:], "```", ""]
+    sweep = saved("sweep_dvae.jsonl")
+    if sweep:
+        rows = [json.loads(line) for line in sweep.splitlines() if line.strip()]
+        lines += dvae_sweep_section(rows, saved("sweep_dvae_notes.md"))
     lines += [
         "## Transformer on 2 CPU cores",
         "",
@@ -143,6 +172,18 @@ def main() -> None:
         transformer.strip(),
         "```",
         "",
+    ]
+    sparse_runs = [(name, saved(name)) for name in ("bench_transformer_1thread_before.txt", "bench_transformer_1thread.txt",
+                                                   "bench_transformer_1thread_repeats5.txt")]
+    if any(text for _, text in sparse_runs):
+        lines += ["## Sparse schedule (row / column / conv) against dense attention, 1 thread", ""]
+        notes = saved("bench_transformer_1thread_notes.md")
+        if notes:
+            lines += [notes.strip(), ""]
+        for name, text in sparse_runs:
+            if text:
+                lines += [f"`benchmarks/results/{name}`:", "", "```", text.strip(), "```", ""]
+    lines += [
         "## Tokenizer on 2 CPU cores",
         "",
         "`.venv/bin/python benchmarks/bench_tokenizer.py`:",
