@@ -556,6 +556,31 @@ class DiscreteVAE(nn.Module):
         return model
 
 
+def load_image_tokenizer(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The image tokenizer of a ``dvae/`` folder: our dVAE, or a converted taming VQGAN.
+
+    A converted VQGAN's config says ``"architecture": "taming-vqgan"`` (``dalle convert
+    vqgan``); it has the same interface (``encode``, ``decode``, ``grid_size``,
+    ``codebook_size``, ``config.image_size``).
+    """
+    import json
+
+    from dalle.io import CONFIG_NAME, ModelLoadError
+
+    path = Path(folder) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"missing config file {path}") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
+    if isinstance(data, dict) and data.get("architecture") == "taming-vqgan":
+        from dalle.vqgan import VQGAN
+
+        return VQGAN.from_pretrained(folder, device=device)
+    return DiscreteVAE.from_pretrained(folder, device=device)
+
+
 def psnr_from_mse(mse: Tensor) -> Tensor:
     """PSNR in dB of images in [0, 1]."""
     return -10.0 * torch.log10(mse.clamp_min(1e-10))

@@ -36,6 +36,19 @@ def describe_preset(name: str) -> list[str]:
     ]
 
 
+def describe_conversion(folder: Path) -> str | None:
+    """One line on where a converted part came from (``converted.json``), or None for a part trained here."""
+    from dalle.convert import read_conversion
+
+    record = read_conversion(folder)
+    if record is None:
+        return None
+    sources = ", ".join(f"{role} {s.get('file')} (sha256 {str(s.get('sha256'))[:12]})"
+                        for role, s in (record.get("sources") or {}).items() if isinstance(s, dict))
+    when = f" on {record['date']}" if record.get("date") else ""
+    return f"converted from {record.get('converted_from', '?')}: {sources}{when}, not trained here"
+
+
 def describe_model(folder: Path) -> list[str]:
     from dalle.io import ModelLoadError
     from dalle.pipeline import bundled_model_dir
@@ -43,15 +56,25 @@ def describe_model(folder: Path) -> list[str]:
     folder = Path(folder) if folder is not None else bundled_model_dir()
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist")
+    if (folder / "config.json").is_file():  # one part's folder, e.g. the output of dalle convert
+        return [f"part {folder}", *_describe_part(folder, folder.name)]
     lines = [f"model {folder}"]
     for part in ("tokenizer", "dvae", "transformer", "clip"):
-        cfg_path = folder / part / "config.json"
-        if not cfg_path.is_file():
+        if not (folder / part / "config.json").is_file():
             lines.append(f"{part}: missing")
             continue
-        weights = folder / part / "model.safetensors"
-        size = f", {weights.stat().st_size / 1e6:.1f} MB" if weights.is_file() else ""
-        lines.append(f"{part}{size}: {json.dumps(json.loads(cfg_path.read_text()), separators=(',', ':'))}")
+        lines += _describe_part(folder / part, part)
+    return lines
+
+
+def _describe_part(folder: Path, name: str) -> list[str]:
+    weights = folder / "model.safetensors"
+    size = f", {weights.stat().st_size / 1e6:.1f} MB" if weights.is_file() else ""
+    config = json.dumps(json.loads((folder / "config.json").read_text()), separators=(",", ":"))
+    lines = [f"{name}{size}: {config}"]
+    conversion = describe_conversion(folder)
+    if conversion:
+        lines.append(f"{name}: {conversion}")
     return lines
 
 

@@ -21,23 +21,34 @@ step is bound by memory traffic of the weights, not by arithmetic.
 On a GPU that loop is bound by something else: a step is hundreds of small kernels
 launched one by one from Python.  At 32x32 image tokens (benchmarks/bench_gpu.py: 12
 layers, d_model 1024, batch 32) it did not finish one batch within 30 s on an H200.
-There the sampler uses :class:`dalle.transformer.StaticDecoder` instead
+There the sampler uses :class:`StaticDecoder` instead
 (``decoder="auto"``): every step has the same shapes and is replayed as one CUDA graph
 (0.078 s an image on that H200).  It draws the same random numbers in the same order,
 so both decoders sample the same tokens from a generator, up to float rounding of the
 logits.
+
+Classifier-free guidance (beyond the paper; Ho & Salimans 2022): a model trained with the
+caption replaced by the null caption (every text position its padding token) a fraction
+of the time (``TransformerConfig.null_caption_fraction``) predicts both p(image | text)
+and p(image).  With ``guidance`` s every image token is drawn from
+``uncond + s * (cond - uncond)`` of the two streams' logits: s = 1 is plain sampling,
+s = 0 ignores the caption, s > 1 follows it more closely.  Both streams run as one
+batch of 2B rows through the same key/value cache (one forward a step, the prompt's
+and the null caption's text prefilled once each); the token drawn for a candidate is fed
+to both of its rows.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import torch
 from torch import nn
 
-from dalle.attention_masks import allowed_keys
-from dalle.transformer import DalleTransformer, KVCache, MaskArgs, StaticDecoder
+from dalle.attention_masks import allowed_keys, build_mask
+from dalle.transformer import DalleTransformer, KVCache, MaskArgs
 
 DECODERS = ("auto", "static", "cached")
 
@@ -171,6 +182,44 @@ def sample_logits(
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
+def check_guidance(model: DalleTransformer, guidance: float) -> None:
+    """ValueError unless ``model`` can be sampled with classifier-free guidance ``guidance``.
+
+    A model trained without null captions never learned p(image) for the null caption, so its
+    "unconditional" logits are meaningless: it is refused rather than guided into noise.
+    """
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number (1 = no guidance), got {guidance!r}")
+    if guidance < 0:
+        raise ValueError(f"guidance must be >= 0 (1 = no guidance, 0 = ignore the caption), got {guidance:g}")
+    if guidance != 1 and getattr(model.config, "null_caption_fraction", 0.0) <= 0:
+        raise ValueError(f"guidance {guidance:g} needs a transformer trained with null captions, and this one was "
+                         "not (transformer.null_caption_fraction is 0): use guidance 1, or retrain with "
+                         "--set transformer.null_caption_fraction=0.1")
+
+
+def null_caption_ids(model: DalleTransformer, rows: int, device: torch.device | str) -> torch.Tensor:
+    """``[rows, text_len]`` null captions: every text position holds its own padding id
+    (what the tokenizer makes of the empty caption)."""
+    ids = torch.arange(model.pad_start, model.config.text_vocab, device=device)
+    return ids.expand(rows, -1)
+
+
+def guided_logits(logits: torch.Tensor, guidance: float) -> torch.Tensor:
+    """``[2B, V]`` logits, the captioned rows then their null-caption rows -> ``[B, V]``
+    ``uncond + guidance * (cond - uncond)`` (in fp32)."""
+    b = logits.shape[0] // 2
+    cond, uncond = logits[:b].float(), logits[b:2 * b].float()
+    return uncond + guidance * (cond - uncond)
+
+
+def _draw(logits: torch.Tensor, guidance: float, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """Tokens for every row of ``logits``; guided, one token per candidate fed to both of its rows."""
+    if guidance == 1:
+        return sample_logits(logits, temperature, top_k, top_p, generator)
+    return sample_logits(guided_logits(logits, guidance), temperature, top_k, top_p, generator).repeat(2)
+
+
 def _check_args(model: DalleTransformer, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask):
     cfg = model.config
     g = cfg.image_grid
@@ -210,6 +259,99 @@ def _cache_dtype(model: DalleTransformer, device: torch.device) -> torch.dtype:
     param = next(model.parameters())
     probe = torch.zeros(1, 1, model.config.d_model, device=device, dtype=param.dtype)
     return model.blocks[0].attn.qkv(probe).dtype
+
+
+class StaticDecoder:
+    """Image-token decoding whose every step has the same shapes, replayed as a CUDA graph on the GPU.
+
+    At 32x32 image tokens a decoding step is a few hundred small kernels; launched one by
+    one from Python the GPU mostly waits for the launches.  This decoder keeps one
+    zero-initialised key/value cache ``[B, heads, S - 1, head_dim]`` per layer, feeds
+    image token ``j`` at stream position ``text_len + j`` through
+    :meth:`DalleTransformer.decode_static` (attention over the whole cache under each
+    layer's mask row), and on CUDA captures that step once as a CUDA graph, so a step
+    is one graph launch.  Each step reads every cached key, not only the allowed ones, which costs
+    memory traffic on a sparse layer but keeps the shapes fixed.
+
+    Usage (the caller samples; ``model`` in eval mode, e.g. a ``prepare_for_sampling`` copy)::
+
+        decoder = StaticDecoder(model, batch=32)
+        logits = decoder.prefill(text_ids)             # predicts image token 0
+        for j in range(grid * grid - 1):
+            tokens[:, j] = sample(logits)
+            logits = decoder.step(tokens[:, j], j)     # predicts image token j + 1
+        tokens[:, -1] = sample(logits)
+
+    The returned logits live in a buffer the next ``step`` overwrites: copy them to keep them.
+    :func:`generate_images_tokens` drives it (``decoder="auto"`` on CUDA), with completion
+    and padded batches; :func:`static_decoder_for` makes one to reuse.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: DalleTransformer, batch: int, cuda_graph: bool | None = None, warmup: int = 2):
+        if model.training:
+            raise ValueError("StaticDecoder needs the model in eval mode (model.eval())")
+        self.model = model
+        cfg = model.config
+        param = next(model.parameters())
+        self.device, self.batch = param.device, batch
+        self.dtype = _cache_dtype(model, self.device)
+        length = cfg.seq_len - 1
+        self.cache: KVCache = model.new_cache(batch, self.device, self.dtype, zeros=True)
+        # Mask rows of every layer kind (True = may attend), indexed by the fed token's position.
+        self.tables = {kind: build_mask(kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel, self.device)[:length, :length]
+                       for kind in set(model.kinds)}
+        self.positions = model.image_positions().to(self.dtype if self.dtype.is_floating_point else param.dtype)
+        self.token = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.position = torch.full((1,), cfg.text_len, dtype=torch.long, device=self.device)
+        self.graph = None
+        self.logits: torch.Tensor | None = None
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        if cuda_graph:
+            if self.device.type != "cuda":
+                raise ValueError("cuda_graph=True needs the model on a CUDA device")
+            # Warm up on a side stream (lazy initialisations must not be captured), then capture.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA calls of other threads (e.g. a compiler's) do not break the capture.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.logits = self._step()
+            for k, v in self.cache:  # the warm-up wrote image position 0; start clean
+                k.zero_()
+                v.zero_()
+
+    def _step(self) -> torch.Tensor:
+        return self.model.decode_static(self.token, self.position, self.cache, self.tables, self.positions)
+
+    @torch.inference_mode()
+    def prefill(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """Run the text (an ordinary batched pass into the cache); returns logits ``[B, image_vocab]`` of image token 0."""
+        if tuple(text_ids.shape) != (self.batch, self.model.config.text_len):
+            raise ValueError(f"text_ids must be [{self.batch}, {self.model.config.text_len}] for this decoder, "
+                             f"got {list(text_ids.shape)}")
+        self.model.check_tokens(text_ids)
+        h = self.model.hidden_states(self.model.embed_text(text_ids.to(self.device)), 0, self.cache)
+        return self.model.image_head(h[:, -1])
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, j: int) -> torch.Tensor:
+        """Feed image token ``j`` (``tokens [B]``); returns logits ``[B, image_vocab]`` of image token ``j + 1``."""
+        n = self.model.config.image_len
+        if not 0 <= j < n - 1:
+            raise ValueError(f"image token index must be in [0, {n - 1}) (the last token is never fed), got {j}")
+        self.token.copy_(tokens)
+        self.position.fill_(self.model.config.text_len + j)
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        assert self.logits is not None
+        return self.logits
 
 
 def use_static_decoder(decoder: str | StaticDecoder, device: torch.device | str) -> bool:
@@ -256,6 +398,7 @@ def generate_images_tokens(
     known_tokens: torch.Tensor | None = None,
     keep_mask: torch.Tensor | None = None,
     decoder: str | StaticDecoder = "auto",
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """Sample the image tokens for each row of ``text_ids [B, text_len]``; returns ``[B, grid, grid]``.
 
@@ -273,8 +416,18 @@ def generate_images_tokens(
     A ``StaticDecoder`` made for ``model`` (see :func:`static_decoder_for`) may be passed
     to reuse its captured graph across calls; its batch may exceed ``B`` (the rows
     beyond ``B`` are padding whose tokens are never sampled).
+
+    ``guidance`` (default 1, none) is the classifier-free guidance scale (see the module
+    docstring); other than 1 it needs a model trained with null captions, and runs ``2B``
+    rows (a ``StaticDecoder`` passed in must hold them).
     """
     _check_args(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask)
+    check_guidance(model, guidance)
+    b = text_ids.shape[0]
+    if guidance != 1:  # the null caption's stream rides in the same batch
+        text_ids = torch.cat([text_ids, null_caption_ids(model, b, text_ids.device)])
+        if known_tokens is not None:
+            known_tokens = torch.cat([known_tokens, known_tokens])
     if isinstance(decoder, StaticDecoder):
         if decoder.model is not model:
             raise ValueError("this StaticDecoder was made for another model; make one with "
@@ -289,13 +442,15 @@ def generate_images_tokens(
     model.eval()
     try:
         if static is None:
-            tokens = _generate(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask)
+            tokens = _generate(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask,
+                               guidance)
         else:
-            tokens = _generate_static(static, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask)
+            tokens = _generate_static(static, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask,
+                                      guidance)
     finally:
         model.train(was_training)
     # Cloned outside inference mode so callers may use the result in autograd (e.g. a loss).
-    return tokens.clone()
+    return tokens[:b].clone()
 
 
 def _kept(keep_mask: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -331,7 +486,8 @@ def _prefill(
 
 
 @torch.inference_mode()
-def _generate(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask) -> torch.Tensor:
+def _generate(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask,
+              guidance: float = 1.0) -> torch.Tensor:
     cfg = model.config
     t, g = cfg.text_len, cfg.image_grid
     n = g * g
@@ -367,7 +523,7 @@ def _generate(model, text_ids, temperature, top_k, top_p, generator, known_token
     one_step["full"] = [MaskArgs()] * (t + n)
     j = first
     while True:
-        tokens[:, j] = sample_logits(logits, temperature, top_k, top_p, generator)
+        tokens[:, j] = _draw(logits, guidance, temperature, top_k, top_p, generator)
         nxt = next_sampled[j]
         if nxt >= n:
             break  # everything after j is kept (or j was the last token)
@@ -385,7 +541,8 @@ def _generate(model, text_ids, temperature, top_k, top_p, generator, known_token
 
 @torch.inference_mode()
 def _generate_static(
-    decoder: StaticDecoder, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask
+    decoder: StaticDecoder, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """:func:`_generate` through a :class:`StaticDecoder`: one fixed-shape step per image token.
 
@@ -414,7 +571,7 @@ def _generate_static(
     logits = _prefill(model, text_ids, tokens, first, decoder.cache, model.image_positions())
     for j in range(first, last + 1):
         if sample_here[j]:
-            tokens[:b, j] = sample_logits(logits[:b], temperature, top_k, top_p, generator)
+            tokens[:b, j] = _draw(logits[:b], guidance, temperature, top_k, top_p, generator)
         if j == last:
             break  # everything after the last sampled token is kept
         logits = decoder.step(tokens[:, j], j)
