@@ -74,6 +74,8 @@ def _add_sampling_options(p: argparse.ArgumentParser, with_sampling: bool = True
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dalle.config import PRESETS  # no torch: the help stays instant
+
     parser = _Parser(prog="dalle", description="DALL-E: text-to-image generation, training and evaluation.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -107,11 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("component", choices=["tokenizer", "dvae", "transformer", "clip", "all"])
     t.add_argument("--data", required=True, help="data folder (image+txt pairs, COCO, WebDataset shards) or 'shapes'")
     t.add_argument("--out", type=Path, required=True, help="model folder to write (and resume from)")
-    t.add_argument("--preset", default="shapes", help="config preset (default shapes)")
+    t.add_argument("--preset", default=None,
+                   help=f"config preset of a new model folder: {', '.join(PRESETS)} (default: shapes for "
+                        "--data shapes, small-64 for your own images; dalle info --presets describes them)")
     budget = t.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=_bounded(int, 1, None, "--steps"), default=None)
     budget.add_argument("--minutes", type=_bounded(float, 0.01, None, "--minutes"), default=None)
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one field of the config (repeatable), e.g. --set dvae.codebook_size=1024; "
+                        "stored in OUT/dalle.json. With --resume only fields that do not change a trained "
+                        "component (train.*, dropout, loss weights, ...) are accepted")
     t.add_argument("--device", default=None)
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
@@ -125,9 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model folder and write JSON")
     e.add_argument("--model", type=Path, default=None)
+    e.add_argument("--data", default=None,
+                   help="evaluate on the held-out split of your data (folder, COCO captions file or local shards) "
+                        "instead of the shapes set")
     e.add_argument("--out", type=Path, default=None, help="JSON file to write")
     e.add_argument("--prompts-per-category", type=_bounded(int, 1, None, "--prompts-per-category"), default=20)
-    e.add_argument("--candidates", type=_bounded(int, 1, 4096, "--candidates"), default=32)
+    e.add_argument("--candidates", type=_bounded(int, 1, 4096, "--candidates"), default=None,
+                   help="images sampled per caption before reranking (default 32; 8 with --data)")
+    e.add_argument("--captions", type=_bounded(int, 1, None, "--captions"), default=32,
+                   help="with --data: held-out captions to generate images for (default 32)")
+    e.add_argument("--train-images", type=_bounded(int, 1, None, "--train-images"), default=None,
+                   help="with --data: training images the copying check compares with (default all)")
     e.add_argument("--held-out", type=_bounded(int, 100, None, "--held-out"), default=512,
                    help="held-out images for the dVAE, transformer and CLIP figures (default 512)")
     e.add_argument("--device", default=None)
@@ -163,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = i.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", type=Path)
     which.add_argument("--preset")
+    which.add_argument("--presets", action="store_true", help="list every preset, one a line")
     i.set_defaults(func=cmd_info)
 
     w = sub.add_parser("serve", help="start the local web page")
@@ -253,20 +270,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         if folder is not None and not folder.is_dir():
             raise UsageError(f"--{flag} {folder} is not a folder (make one with dalle convert)")
 
-    out = train_component(args.component, data=args.data, out=args.out, preset=args.preset, steps=args.steps,
+    preset = args.preset or ("shapes" if args.data == "shapes" or args.data.startswith("shapes:") else "small-64")
+    out = train_component(args.component, data=args.data, out=args.out, preset=preset, steps=args.steps,
                           minutes=args.minutes, resume=args.resume, device=args.device, seed=args.seed,
-                          strategy=args.strategy, compile=args.compile, dvae=args.dvae, clip=args.clip)
+                          strategy=args.strategy, compile=args.compile, dvae=args.dvae, clip=args.clip,
+                          overrides=args.overrides)
     print(f"trained {args.component}: {out}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dalle.evaluation.suite import evaluate_model, format_report
+    if args.data is not None:
+        from dalle.evaluation.user_data import evaluate_user_data, format_user_report
 
-    report = evaluate_model(args.model, prompts_per_category=args.prompts_per_category, candidates=args.candidates,
-                            device=args.device, seed=args.seed, progress=True,
-                            held_out_size=args.held_out, guidance=args.guidance)
-    print(format_report(report))
+        report = evaluate_user_data(args.model, args.data, captions=args.captions,
+                                    candidates=args.candidates or 8, device=args.device, seed=args.seed,
+                                    train_images=args.train_images, guidance=args.guidance)
+        print(format_user_report(report))
+    else:
+        from dalle.evaluation.suite import evaluate_model, format_report
+
+        report = evaluate_model(args.model, prompts_per_category=args.prompts_per_category,
+                                candidates=args.candidates or 32, device=args.device, seed=args.seed, progress=True,
+                                held_out_size=args.held_out, guidance=args.guidance)
+        print(format_report(report))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -297,9 +324,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from dalle.info import describe_model, describe_preset
+    from dalle.info import describe_model, describe_preset, describe_presets
 
-    lines = describe_preset(args.preset) if args.preset else describe_model(args.model)
+    if args.presets:
+        lines = describe_presets()
+    else:
+        lines = describe_preset(args.preset) if args.preset else describe_model(args.model)
     print("\n".join(lines))
     return 0
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from dalle.config import DalleConfig, ConfigError, get_preset, load_config, save_config
+from dalle.config import (SPLIT_FIELDS, ConfigError, DalleConfig, apply_overrides, config_changes, get_preset,
+                          is_architecture_field, load_config, save_config)
 
 CONFIG_FILE = "dalle.json"
 # Share of a ``train all --minutes M`` budget each stage gets.
@@ -56,17 +57,53 @@ def resolve_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def model_config(out: Path, preset: str) -> DalleConfig:
-    """The folder's saved config, else the preset's (saved for the next steps)."""
+def model_config(out: Path, preset: str, overrides: list[str] | None = None, resume: bool = False,
+                 stages: list[str] | tuple[str, ...] = ()) -> DalleConfig:
+    """The folder's saved config, else the preset's, with ``--set`` overrides applied and saved.
+
+    The first run of a folder writes ``OUT/dalle.json``; later runs read it back (the preset
+    then no longer matters).  An override that changes a component already trained (or
+    checkpointed) in ``out`` is refused unless this run trains that component afresh: with
+    ``--resume``, or when the component is not among ``stages``.  Overrides that only steer
+    training (the ``train`` section, any section not holding a component, and the fields of
+    :data:`dalle.config.TRAINING_ONLY_FIELDS`) are always accepted: a resumed run then goes
+    on with the new step count, learning rate and so on.
+    """
     path = out / CONFIG_FILE
-    if path.is_file():
-        config = load_config(DalleConfig, path)
-    else:
-        config = get_preset(preset)
+    saved = path.is_file()
+    base = load_config(DalleConfig, path) if saved else get_preset(preset)
+    config, applied = apply_overrides(base, list(overrides or []))
+    config.check()
+    if saved and applied:
+        refuse_architecture_changes(base, config, out, resume, stages)
+    if not saved or config != base:  # ranks after the first find it saved already
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, path)
-    config.check()
     return config
+
+
+def refuse_architecture_changes(old: DalleConfig, new: DalleConfig, out: Path, resume: bool,
+                                stages: list[str] | tuple[str, ...]) -> None:
+    """Raise ConfigError if ``new`` changes a component that ``out`` holds and this run keeps."""
+    for section, key, before, after in config_changes(old, new):
+        if f"{section}.{key}" in SPLIT_FIELDS:
+            kept = [s for s in ("dvae", "transformer", "clip")
+                    if ((out / s).exists() or (out / "checkpoints" / s).exists()) and (resume or s not in stages)]
+            if kept:
+                raise ConfigError(
+                    f"--set changes {section}.{key} from {before!r} to {after!r}, which moves the held-out split, "
+                    f"but the {', '.join(kept)} in {out} trained with the old one; train into a new --out")
+            continue
+        if not is_architecture_field(section, key):
+            continue
+        present = (out / section).exists() or (out / "checkpoints" / section).exists()
+        fresh = not resume and section in stages
+        if present and not fresh:
+            how = ("--resume continues the trained weights" if resume
+                   else f"this run does not retrain the {section}")
+            raise ConfigError(
+                f"--set changes {section}.{key} from {before!r} to {after!r}, but {out / section} was trained "
+                f"with {before!r} and {how}; train into a new --out, or retrain the {section} without --resume")
 
 
 def open_training_data(data: str, split: str = "train", seed: int = 0, shapes_size: int = 50_000):
@@ -239,7 +276,8 @@ def _pretrained_part_missing(out: Path, part: str, kind: str) -> FileNotFoundErr
 def train_component(component: str, *, data: str, out: Path, preset: str = "shapes", steps: int | None = None,
                     minutes: float | None = None, resume: bool = False, device: str | None = None,
                     seed: int | None = None, strategy: str = "ddp", compile: bool = False,
-                    dvae: Path | None = None, clip: Path | None = None) -> Path:
+                    dvae: Path | None = None, clip: Path | None = None,
+                    overrides: list[str] | None = None) -> Path:
     """Train ``component`` (or ``all``) on ``data`` into the model folder ``out``.
 
     Under ``torchrun`` every rank runs this; files shared by all ranks (the config,
@@ -253,8 +291,9 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
     info = init_distributed(resolve_device(device))
     device = str(info.device)
     log = print if info.is_main else (lambda *a, **k: None)
+    stages = ["tokenizer", "dvae", "transformer", "clip"] if component == "all" else [component]
     with main_process_first(info):
-        config = model_config(out, preset)
+        config = model_config(out, preset, overrides, resume=resume, stages=stages)
         if dvae is not None or clip is not None:
             if info.is_main:
                 config = adopt_pretrained(out, config, dvae, clip, log)
@@ -268,13 +307,23 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
             raise _pretrained_part_missing(out, part, kind)
     dataset = open_training_data(data, "train", seed=config.train.seed if seed is None else seed,
                                  shapes_size=config.train.shapes_size)
-    stages = ["tokenizer", "dvae", "transformer", "clip"] if component == "all" else [component]
     whole = component == "all"
+    if info.is_main and hasattr(dataset, "image_files"):  # mixed sizes and modes: converted, with a note
+        from dalle.data.survey import survey_images, survey_note
+
+        note = survey_note(survey_images(dataset.image_files(), config.dvae.image_size), config.dvae.image_size,
+                           len(dataset))
+        if note:
+            log(note)
     common: dict[str, Any] = dict(steps=steps, resume=resume, device=device, seed=seed)
     every = checkpoint_interval()
     if every is not None:
         common["checkpoint_every"] = every
     started = time.time()
+    if info.is_main:
+        from dalle.training.tensorboard import where_to_look
+
+        log(where_to_look(out))
     for stage in stages:
         if pretrained.get(stage):
             log(f"[{stage}] {out / stage} is used as it is ({pretrained[stage]}); not trained")

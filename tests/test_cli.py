@@ -112,3 +112,100 @@ def test_bad_input_gives_one_line_and_nonzero_status(argv, message, tiny_model, 
     err = capsys.readouterr().err
     assert code != 0
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+# --- --set and presets -------------------------------------------------------------------
+
+
+def test_train_set_is_stored_and_a_resume_refuses_an_architecture_change(tmp_path, capsys):
+    out = tmp_path / "m"
+    common = ["--data", "shapes", "--out", str(out), "--preset", "tiny", "--device", "cpu"]
+    assert main(["train", "tokenizer", *common, "--set", "tokenizer.vocab_size=300",
+                 "--set", "train.dvae_lr=5e-4"]) == 0
+    saved = json.loads((out / "dalle.json").read_text())
+    assert saved["tokenizer"]["vocab_size"] == 300 and saved["train"]["dvae_lr"] == 5e-4
+    assert saved["transformer"]["text_vocab"] == 300 + saved["tokenizer"]["text_len"]  # the copies followed
+    capsys.readouterr()
+    # The trained tokenizer has 300 ids: a resume cannot change that ...
+    assert main(["train", "tokenizer", *common, "--resume", "--set", "tokenizer.vocab_size=400"]) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "tokenizer.vocab_size from 300 to 400" in err
+    # ... nor can a run of another stage that keeps the tokenizer; retraining it afresh can.
+    assert main(["train", "dvae", *common, "--steps", "1", "--set", "tokenizer.vocab_size=400"]) != 0
+    assert "does not retrain the tokenizer" in capsys.readouterr().err
+    assert json.loads((out / "dalle.json").read_text())["tokenizer"]["vocab_size"] == 300
+    # Training-only fields go through on a resume and are stored.
+    assert main(["train", "tokenizer", *common, "--resume", "--set", "train.transformer_steps=7",
+                 "--set", "tokenizer.bpe_dropout=0"]) == 0
+    saved = json.loads((out / "dalle.json").read_text())
+    assert saved["train"]["transformer_steps"] == 7 and saved["tokenizer"]["bpe_dropout"] == 0.0
+    assert main(["train", "tokenizer", *common, "--set", "tokenizer.vocab_size=400"]) == 0  # retrained afresh
+
+
+def test_train_set_unknown_field_is_a_one_line_usage_error(tmp_path, capsys):
+    code = main(["train", "tokenizer", "--data", "shapes", "--out", str(tmp_path / "m"), "--preset", "tiny",
+                 "--set", "dvae.codebook=1024"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "dvae has no field 'codebook'; its fields: image_size" in err and "codebook_size" in err
+    assert not (tmp_path / "m" / "dalle.json").exists()
+
+
+def test_info_presets_lists_one_preset_a_line(capsys):
+    from dalle.config import PRESETS
+
+    assert main(["info", "--presets"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+    assert [l.split()[0] for l in lines] == list(PRESETS)
+    small = next(l for l in lines if l.startswith("small-64 "))
+    assert "image 64px" in small and "tokens 16x16" in small and "1024 codes" in small
+    assert "params dvae" in small and "transformer" in small and "clip" in small and "cpu_s_per_step" in small
+
+
+def test_train_help_names_the_presets(capsys):
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("small-64", "base-128", "base-256"):
+        assert name in text
+
+
+def test_train_set_refuses_to_move_the_held_out_split_under_a_trained_stage(tmp_path, capsys):
+    out = tmp_path / "m"
+    common = ["--data", "shapes", "--out", str(out), "--preset", "tiny", "--device", "cpu"]
+    assert main(["train", "dvae", *common, "--steps", "1"]) == 0
+    capsys.readouterr()
+    for argv in (["dvae", "--resume"], ["tokenizer"]):
+        assert main(["train", *argv, *common, "--set", "train.val_fraction=0.1"]) != 0
+        err = capsys.readouterr().err
+        assert "moves the held-out split" in err and "dvae" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "dvae", *common, "--steps", "1", "--set", "train.val_fraction=0.1"]) == 0  # afresh
+
+
+def test_eval_on_a_users_folder_reports_the_interface_keys(tiny_model, tmp_path, capsys):
+    from dalle.data.shapes import write_shapes
+
+    data = write_shapes(tmp_path / "data", 40, split="train", seed=5, progress=False, workers=1)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_model), "--data", str(data), "--captions", "3", "--candidates", "2",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    # shared/INTERFACE.md's keys, and the held-out split of the model's own rule (40 items -> the last 8).
+    for section, key in (("dvae", "psnr"), ("transformer", "bits_per_image_token"), ("clip", "r_at_1"),
+                         ("generated", "r_precision"), ("generated", "real_r_precision")):
+        assert isinstance(report[section][key], float), (section, key)
+    assert report["data"]["held_out_items"] == 8 and report["data"]["train_items"] == 32
+    assert 0 < report["dvae"]["ssim"] <= 1 and 0 < report["dvae"]["codebook_usage"] <= 1
+    assert report["transformer"]["train_bits_per_image_token"] > 0 and report["clip"]["pool"] == 8
+    g = report["generated"]
+    assert g["self_judged"] is True and g["captions"] == 3 and 0 <= g["r_precision"] <= 1
+    assert g["copying"]["train_images_compared"] == 32 and g["copying"]["real_nearest_train_rms"]["mean"] > 0
+    assert 0 <= g["copying"]["generated_copies"] <= 1 and g["copying"]["real_copy_ratio"]["median"] > 0
+    assert "R-precision" in capsys.readouterr().out
+
+
+def test_eval_data_errors_are_one_line(tiny_model, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", "--model", str(tiny_model), "--data", str(empty), "--device", "cpu"]) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
