@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--steps", type=_bounded(int, 1, None, "--steps"), default=None)
     budget.add_argument("--minutes", type=_bounded(float, 0.01, None, "--minutes"), default=None)
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds another run (moved to OUT/replaced/)")
     t.add_argument("--device", default=None)
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
@@ -220,7 +222,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     out = train_component(args.component, data=args.data, out=args.out, preset=args.preset, steps=args.steps,
                           minutes=args.minutes, resume=args.resume, device=args.device, seed=args.seed,
-                          strategy=args.strategy, compile=args.compile)
+                          strategy=args.strategy, compile=args.compile, overwrite=args.overwrite)
     print(f"trained {args.component}: {out}")
     return 0
 

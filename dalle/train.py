@@ -12,6 +12,13 @@ Validation: every stage holds out the same images, the data set's last ones
 same figures on training images, and ends with a fit report in ``OUT/logs/<stage>_fit.json``
 that names memorising, a collapsed codebook, a reranker near chance and the like.
 
+One run per stage and folder: a fresh run (no ``--resume``) into a folder that already
+holds a stage's checkpoints, export or run record is refused (or, with ``--overwrite``,
+the old run is moved aside to ``OUT/replaced/<time>/``), so the checkpoints in a folder
+always belong to the last run started there and ``--resume`` continues that run.  Each
+run records what it was asked for (``OUT/checkpoints/<stage>/run.json``), so a run killed
+before its first checkpoint resumes with the same ``--steps``/``--minutes``.
+
 Environment: ``DALLE_CHECKPOINT_EVERY=N`` checkpoints the dVAE, transformer and CLIP
 every N steps instead of each loop's default (used by the kill-and-resume tests;
 also handy on preemptible machines).
@@ -19,7 +26,9 @@ also handy on preemptible machines).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +55,75 @@ def checkpoint_interval() -> int | None:
     if every < 1:
         raise ValueError(f"DALLE_CHECKPOINT_EVERY must be a positive number of steps, got {text!r}")
     return every
+
+
+class TrainingFolderError(ValueError):
+    """``--out`` cannot take this run (another run's files are there, or it is not a folder)."""
+
+
+RUN_RECORD = "run.json"  # OUT/checkpoints/<stage>/run.json: what the last run started there asked for
+STAGE_LOGS = ("{stage}.csv", "{stage}.png", "{stage}_fit.json")  # under OUT/logs
+
+
+def check_out_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise TrainingFolderError(f"--out {out} is a file; give a folder to write the model into")
+
+
+def previous_run(out: Path, stage: str) -> str | None:
+    """What of an earlier ``stage`` run ``out`` holds (checkpoints, export, run record), or None."""
+    found = []
+    checkpoints = out / "checkpoints" / stage
+    steps = sorted(checkpoints.glob("step_*")) if checkpoints.is_dir() else []
+    if steps:
+        found.append(f"checkpoints up to step {int(steps[-1].name.split('_')[-1])}")
+    elif (checkpoints / RUN_RECORD).is_file():
+        found.append("a started run with no checkpoint yet")
+    if (out / stage).exists():
+        found.append(f"an export in {out / stage}")
+    return ", ".join(found) or None
+
+
+def claim_out_folder(out: Path, stages: list[str], whole: bool, overwrite: bool) -> Path | None:
+    """Make sure a fresh run of ``stages`` mixes with no earlier run in ``out``.
+
+    Without ``overwrite`` an earlier run is refused with what to do; with it, the earlier
+    run's files are moved to ``OUT/replaced/<time>/`` (returned).  ``whole`` (``train all``):
+    the folder's config is moved too, so the new run takes the preset's.
+    """
+    earlier = {stage: what for stage in stages if (what := previous_run(out, stage))}
+    if not earlier:
+        return None
+    if not overwrite:
+        listing = "; ".join(f"{stage}: {what}" for stage, what in earlier.items())
+        raise TrainingFolderError(
+            f"--out {out} already holds another run ({listing}): add --resume to continue it, "
+            f"give a new --out, or add --overwrite to move the old run aside")
+    aside = out / "replaced" / time.strftime("%Y%m%d-%H%M%S")
+    moves = [Path(stage) for stage in earlier] + [Path("checkpoints") / stage for stage in earlier]
+    moves += [Path("logs") / name.format(stage=stage) for stage in earlier for name in STAGE_LOGS]
+    if whole:
+        moves += [Path(CONFIG_FILE), Path("cache")]
+    for rel in moves:
+        if (out / rel).exists():
+            (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(out / rel), str(aside / rel))
+    return aside
+
+
+def record_run(out: Path, stage: str, steps: int | None, minutes: float | None) -> None:
+    folder = out / "checkpoints" / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_RECORD).write_text(json.dumps({"steps": steps, "minutes": minutes}) + "\n")
+
+
+def recorded_run(out: Path, stage: str) -> dict[str, Any]:
+    """What the last run of ``stage`` started in ``out`` asked for ({} if unknown)."""
+    try:
+        record = json.loads((out / "checkpoints" / stage / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def resolve_device(device: str | None) -> str:
@@ -140,25 +218,33 @@ def build_or_open_token_cache(dataset, out: Path, device: str):
 
 def train_component(component: str, *, data: str, out: Path, preset: str = "shapes", steps: int | None = None,
                     minutes: float | None = None, resume: bool = False, device: str | None = None,
-                    seed: int | None = None, strategy: str = "ddp", compile: bool = False) -> Path:
+                    seed: int | None = None, strategy: str = "ddp", compile: bool = False,
+                    overwrite: bool = False) -> Path:
     """Train ``component`` (or ``all``) on ``data`` into the model folder ``out``.
 
     Under ``torchrun`` every rank runs this; files shared by all ranks (the config,
     the tokenizer, the token cache) are written by rank 0 first, then read by the rest.
+    A fresh run (not ``resume``) into a folder holding another run of one of its stages
+    is refused, unless ``overwrite`` moves that run aside (:func:`claim_out_folder`).
     """
     from dalle.training.distributed import barrier, init_distributed, main_process_first
 
     out = Path(out)
+    check_out_folder(out)
+    stages = ["tokenizer", "dvae", "transformer", "clip"] if component == "all" else [component]
+    whole = component == "all"
+    if not resume and not overwrite:  # every rank refuses alike, before anything is written
+        claim_out_folder(out, stages, whole, overwrite=False)
     info = init_distributed(resolve_device(device))
     device = str(info.device)
     log = print if info.is_main else (lambda *a, **k: None)
     with main_process_first(info):
+        if not resume and info.is_main and (aside := claim_out_folder(out, stages, whole, overwrite)):
+            log(f"--overwrite: the earlier run in {out} was moved to {aside}")
         config = model_config(out, preset)
     dataset = open_training_data(data, "train", seed=config.train.seed if seed is None else seed,
                                  shapes_size=config.train.shapes_size)
-    stages = ["tokenizer", "dvae", "transformer", "clip"] if component == "all" else [component]
-    whole = component == "all"
-    common: dict[str, Any] = dict(steps=steps, resume=resume, device=device, seed=seed)
+    common: dict[str, Any] = dict(resume=resume, device=device, seed=seed)
     every = checkpoint_interval()
     if every is not None:
         common["checkpoint_every"] = every
@@ -168,7 +254,14 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
         if whole and resume and done:
             log(f"[{stage}] already trained in {out / stage}; skipping")
             continue
-        budget = _budget(minutes, TIME_SHARES.get(stage, 0.0), stage, whole)
+        stage_steps, stage_minutes = steps, minutes
+        if resume and steps is None and minutes is None:  # the last run started here says how long
+            record = recorded_run(out, stage)
+            stage_steps, stage_minutes = record.get("steps"), record.get("minutes")
+        elif info.is_main and stage != "tokenizer":
+            record_run(out, stage, steps, minutes)
+        common["steps"] = stage_steps
+        budget = _budget(stage_minutes, TIME_SHARES.get(stage, 0.0), stage, whole)
         log(f"[{stage}] training" + (f" for {budget:.1f} min" if budget else ""))
         if stage == "tokenizer":
             if info.is_main:

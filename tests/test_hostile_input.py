@@ -1,0 +1,93 @@
+"""What a hostile but fair user did to the command line, model folders and data (issue 18).
+
+Each test reproduces one way the package broke (a finished run overwritten by a new one,
+a truncated export trusted, a huge config built until the machine ran out of memory,
+...) and checks the fix: a clear one-line error, a warning, or the right behaviour.
+The web page's share of the corpus is in tests/test_serve.py.  Everything runs on the
+``tiny`` preset and a 64-image shapes folder, a few steps a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from dalle.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for helpers/, whatever pytest's import mode
+from helpers.cli_errors import fails_with_one_line  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory) -> Path:
+    """``dalle data shapes --out D --count 64``, as in the issue."""
+    out = tmp_path_factory.mktemp("data") / "D"
+    assert main(["data", "shapes", "--out", str(out), "--count", "64", "--workers", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_folder) -> Path:
+    """``dalle train all --data D --out M --preset tiny --steps 3``: a finished run with its checkpoints."""
+    out = tmp_path_factory.mktemp("run") / "M"
+    assert main(["train", "all", "--data", str(data_folder), "--out", str(out), "--preset", "tiny", "--steps", "3",
+                 "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    """A throw-away copy of the whole run folder (checkpoints, cache and logs too)."""
+    copy = tmp_path / "M"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+def train(component: str, data: Path, out: Path, *extra) -> list:
+    return ["train", component, "--data", data, "--out", out, "--preset", "tiny", "--device", "cpu", *extra]
+
+
+# --- 1. a fresh run into a folder that holds another run ------------------------------------
+
+
+def test_a_fresh_run_into_a_finished_run_is_refused(run_copy, data_folder, capsys):
+    before = (run_copy / "transformer" / "model.safetensors").read_bytes()
+    fails_with_one_line(train("transformer", data_folder, run_copy, "--steps", "200"), capsys,
+                        "already holds another run", "checkpoints up to step 3", "--resume", "--overwrite")
+    assert (run_copy / "transformer" / "model.safetensors").read_bytes() == before
+    assert json.loads((run_copy / "checkpoints" / "transformer" / "step_00000003" / "state.json").read_text())
+
+
+def test_a_killed_overwriting_run_resumes_itself_not_the_old_one(run_copy, data_folder, monkeypatch, capsys):
+    """The issue's steps: a new run killed before its first checkpoint, then ``--resume``."""
+    import dalle.training.transformer as loop
+
+    old = (run_copy / "transformer" / "model.safetensors").read_bytes()
+
+    def killed(*args, **kwargs):  # the process dies before the loop writes anything
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_transformer", killed)
+    assert main([str(a) for a in train("transformer", data_folder, run_copy, "--steps", "6", "--overwrite")]) == 130
+    monkeypatch.undo()
+    [aside] = (run_copy / "replaced").iterdir()
+    assert (aside / "transformer" / "model.safetensors").read_bytes() == old  # set aside, not lost
+    assert (aside / "checkpoints" / "transformer" / "step_00000003").is_dir()
+    assert not (run_copy / "transformer").exists()
+
+    assert main([str(a) for a in train("transformer", data_folder, run_copy, "--resume")]) == 0
+    # The resumed run is the 6-step one that was started, not the old 3-step one.
+    assert sorted(p.name for p in (run_copy / "checkpoints" / "transformer").glob("step_*")) == ["step_00000006"]
+    assert (run_copy / "transformer" / "model.safetensors").read_bytes() != old
+
+
+def test_train_out_naming_a_file(tmp_path, data_folder, capsys):
+    path = tmp_path / "model.txt"
+    path.write_text("not a folder")
+    fails_with_one_line(train("dvae", data_folder, path, "--steps", "1"), capsys, "model.txt", "is a file")
