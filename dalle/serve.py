@@ -72,10 +72,11 @@ class Limits:
 class RequestError(Exception):
     """A request the server refuses; ``message`` is shown to the user as is."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, drain: int = 0):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.drain = drain  # bytes of an unread body to drop after answering (a refused upload)
 
 
 # --- validation --------------------------------------------------------------------------
@@ -423,6 +424,12 @@ class DalleServer(ThreadingHTTPServer):
         self.worker.close()
         super().server_close()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that left early (broken pipe, reset, timeout) is normal: no traceback for it."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
     # Model facts the form needs; read defensively so a pipeline-like object also works.
     def info(self) -> dict[str, Any]:
         pipe = self.pipeline
@@ -458,9 +465,14 @@ class DalleServer(ThreadingHTTPServer):
         return count
 
 
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")
+DRAIN_TIMEOUT_S = 2.0  # at most this long reading (and dropping) a refused upload
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: DalleServer
     server_version = "dalle-serve"
+    timeout = 30  # seconds a socket may sit idle (a slow or stalled client) before it is closed
 
     # -- plumbing --
 
@@ -491,33 +503,69 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": message})
 
     def _read_body(self) -> bytes:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise RequestError(411, "the request needs a Content-Length header") from None
+        """The request body, bounded: its length is checked before a byte of it is read.
+
+        A missing, malformed, negative or oversized ``Content-Length`` (and chunked bodies,
+        which announce none) is refused first; a body shorter than announced (a client that
+        half-closed its socket) is refused too.  Reading stops at the announced length, and
+        the socket's timeout (:attr:`timeout`) bounds how long a slow client can hold a thread.
+        """
         limit = self.server.limits.max_body_bytes
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise RequestError(411, "send the body with a Content-Length header (chunked bodies are not accepted)",
+                               drain=limit)
+        text = (self.headers.get("Content-Length") or "").strip()
+        if not text:
+            self.close_connection = True
+            raise RequestError(411, "the request needs a Content-Length header", drain=limit)
+        if not _CONTENT_LENGTH.fullmatch(text):
+            self.close_connection = True
+            raise RequestError(400, f"Content-Length must be a whole number of bytes, got {text[:40]!r}", drain=limit)
+        length = int(text)
         if length > limit:
-            # Read (and drop) a moderately oversized body so the client sees our answer rather than a reset.
-            remaining = length if length <= 8 * limit else 0
-            while remaining > 0:
-                chunk = self.rfile.read(min(remaining, 1 << 20))
+            self.close_connection = True
+            raise RequestError(413, f"the upload is {length / 2**20:.1f} MB; the limit is "
+                                    f"{self.server.limits.max_upload_bytes / 2**20:.0f} MB",
+                               drain=min(length, 4 * limit))
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            raise RequestError(400, f"the body ended after {len(body)} of the {length} bytes its Content-Length "
+                                    f"announced")
+        return body
+
+    def _drain(self, size: int) -> None:
+        """Read and drop up to ``size`` bytes of a refused upload, briefly, so the client sees the answer."""
+        try:
+            self.connection.settimeout(DRAIN_TIMEOUT_S)
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            while size > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(size, 1 << 16)) if hasattr(self.rfile, "read1") else b""
                 if not chunk:
                     break
-                remaining -= len(chunk)
-            raise RequestError(413, f"the upload is {length / 2**20:.1f} MB; the limit is "
-                                    f"{self.server.limits.max_upload_bytes / 2**20:.0f} MB")
-        return self.rfile.read(length)
+                size -= len(chunk)
+        except OSError:
+            pass
 
     def _dispatch(self, routes: Callable[[], None]) -> None:
         try:
-            routes()
-        except RequestError as e:
-            self._error(e.status, e.message)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left
-        except Exception as e:  # pragma: no cover - a bug; keep the server up and say so
-            traceback.print_exc(file=sys.stderr)
-            self._error(500, f"internal error: {type(e).__name__}: {e}")
+            try:
+                routes()
+            except RequestError as e:
+                self._error(e.status, e.message)
+                if e.drain:
+                    self._drain(e.drain)
+            except TimeoutError:
+                self.close_connection = True
+                self._error(408, f"the request body did not arrive within {self.timeout:g} s")
+            except Exception as e:  # pragma: no cover - a bug; keep the server up and say so
+                if isinstance(e, ConnectionError):
+                    raise
+                traceback.print_exc(file=sys.stderr)
+                self._error(500, f"internal error: {type(e).__name__}: {e}")
+        except ConnectionError:  # the client left (broken pipe, reset), even while we answered
+            self.close_connection = True
 
     # -- routes --
 
