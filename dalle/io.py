@@ -8,6 +8,7 @@ reported by name.  No pickle is read or written anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -113,6 +114,93 @@ def save_module(folder: str | Path, module: nn.Module, config: Any, dtype: torch
     return folder
 
 
+# --- will it fit? -----------------------------------------------------------------------
+
+# Config fields that repeat a block: a module is measured at depth 1 and 2 of each and the
+# rest extrapolated, because building a 100,000-layer model even on the meta device takes
+# minutes.  (The blocks of one kind have the same size, so the count is exact.)
+DEPTH_FIELDS = ("n_layers", "text_layers", "image_layers", "blocks_per_group")
+LOAD_FACTOR = 2.0  # loading holds the built module and the file's tensors at once
+
+
+def _meta_bytes(build: Callable[[C], nn.Module], config: C) -> tuple[int, int]:
+    """(parameters, bytes of parameters and buffers) of ``build(config)``, built on the meta device."""
+    with torch.device("meta"):
+        module = build(config)
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(p.numel() for p in module.parameters()), sum(t.numel() * t.element_size() for t in tensors)
+
+
+def estimate_size(build: Callable[[C], nn.Module], config: C) -> tuple[int, int]:
+    """(parameters, bytes) the module ``build(config)`` will take, found without allocating it.
+
+    Raises :class:`ValueError` naming the config when it cannot be built at all.
+    """
+    depths = {f: getattr(config, f) for f in DEPTH_FIELDS if isinstance(getattr(config, f, None), int)}
+    shallow = {f: min(n, 1) for f, n in depths.items()}
+    try:
+        params, size = _meta_bytes(build, dataclasses.replace(config, **shallow))  # type: ignore[type-var]
+        for name, n in depths.items():
+            if n > 1:  # add (n - 1) more blocks of this kind, measured from a depth-2 build
+                p2, s2 = _meta_bytes(build, dataclasses.replace(config, **{**shallow, name: 2}))  # type: ignore[type-var]
+                params, size = params + (n - 1) * (p2 - params), size + (n - 1) * (s2 - size)
+    except (ValueError, RuntimeError, TypeError, ZeroDivisionError, AssertionError) as e:
+        raise ValueError(f"cannot build a {type(config).__name__} from these values ({e})") from None
+    return params, size
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes free for new tensors on ``device`` (CPU: available RAM, within a cgroup limit), or None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else None
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # a container's own limit (cgroup v2), when lower
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            free = min(free if free is not None else 1 << 62, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def _gb(n: float) -> str:
+    for size, unit in ((1e12, "TB"), (1e9, "GB")):
+        if n >= 0.1 * size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n / 1e6:.1f} MB"
+
+
+def check_fits(build: Callable[[C], nn.Module], config: C, device: str | torch.device, what: str,
+               factor: float = LOAD_FACTOR, doing: str = "load") -> int:
+    """Refuse (:class:`ModelLoadError`) a module whose config needs more memory than ``device`` has.
+
+    ``factor``: bytes needed per byte of the module (loading holds two copies; training
+    also holds gradients, the optimizer's moments and a weight average).  Returns the
+    estimated parameter count.
+    """
+    try:
+        params, size = estimate_size(build, config)
+    except ValueError as e:
+        raise ModelLoadError(f"{what}: {e}") from None
+    needed, free = factor * size, available_memory(device)
+    if free is not None and needed > free:
+        raise ModelLoadError(
+            f"{what} describes a model of {params:,} parameters ({_gb(size)} of weights); to {doing} it needs about "
+            f"{_gb(needed)} but {device} has {_gb(max(free, 0))} free: check the sizes in it (layers, widths) "
+            "or use a machine with more memory")
+    return params
+
+
 def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Raise :class:`ModelLoadError` listing missing, unexpected and mis-shaped tensors."""
     expected = module.state_dict()
@@ -147,6 +235,7 @@ def load_module(
         config = load_config(config_cls, folder / CONFIG_NAME)
     except ConfigError as e:
         raise ModelLoadError(str(e)) from None
+    check_fits(build, config, device, str(folder / CONFIG_NAME))  # before allocating anything
     module = build(config)
     state = load_tensors(folder / WEIGHTS_NAME)
     check_state_dict(module, state, str(folder / WEIGHTS_NAME))

@@ -147,6 +147,24 @@ def model_config(out: Path, preset: str) -> DalleConfig:
     return config
 
 
+TRAIN_FACTOR = 5.0  # training holds weights, gradients, two Adam moments and a weight average
+
+
+def check_stages_fit(config: DalleConfig, stages: list[str], device: str, where: Path) -> None:
+    """Refuse, before any stage starts, a config whose models cannot be trained in ``device``'s memory."""
+    from dalle.clip import CLIP
+    from dalle.dvae import DiscreteVAE
+    from dalle.io import check_fits
+    from dalle.transformer import DalleTransformer
+
+    builds = {"dvae": (DiscreteVAE, config.dvae), "transformer": (DalleTransformer, config.transformer),
+              "clip": (CLIP, config.clip)}
+    for stage in stages:
+        if stage in builds:
+            build, part = builds[stage]
+            check_fits(build, part, device, f"{where} ({stage} section)", factor=TRAIN_FACTOR, doing="train")
+
+
 def open_training_data(data: str, split: str = "train", seed: int = 0, shapes_size: int = 50_000):
     """A data folder (any reader of dalle.data), or ``shapes`` for the generator streamed with no files."""
     if data in ("shapes", f"shapes:{split}"):
@@ -242,6 +260,8 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
         if not resume and info.is_main and (aside := claim_out_folder(out, stages, whole, overwrite)):
             log(f"--overwrite: the earlier run in {out} was moved to {aside}")
         config = model_config(out, preset)
+    if strategy != "fsdp":  # (sharded, each rank holds a part: the estimate would be too strict)
+        check_stages_fit(config, stages, device, out / CONFIG_FILE)
     dataset = open_training_data(data, "train", seed=config.train.seed if seed is None else seed,
                                  shapes_size=config.train.shapes_size)
     common: dict[str, Any] = dict(resume=resume, device=device, seed=seed)

@@ -91,3 +91,45 @@ def test_train_out_naming_a_file(tmp_path, data_folder, capsys):
     path = tmp_path / "model.txt"
     path.write_text("not a folder")
     fails_with_one_line(train("dvae", data_folder, path, "--steps", "1"), capsys, "model.txt", "is a file")
+
+
+# --- 3. a config too big for the machine ------------------------------------------------------
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        (data[section] if name else data)[name or key] = value
+    path.write_text(json.dumps(data))
+
+
+def test_a_model_config_too_big_to_load_is_refused_before_it_is_built(run_copy, tmp_path, capsys):
+    _edit_json(run_copy / "transformer" / "config.json", n_layers=100_000, head_dim=1024)
+    fails_with_one_line(["generate", "a red circle", "--model", run_copy, "--out", tmp_path / "g", "--device", "cpu"],
+                        capsys, "transformer/config.json", "parameters", "free", "check the sizes")
+
+
+def test_a_training_config_too_big_to_train_is_refused_before_the_first_stage(tmp_path, data_folder, capsys):
+    out = tmp_path / "big"
+    out.mkdir()
+    from dalle.config import get_preset, save_config
+
+    config = get_preset("tiny")
+    config.dvae.hidden_width = 1_000_000
+    save_config(config, out / "dalle.json")
+    fails_with_one_line(train("all", data_folder, out, "--steps", "1"), capsys, "dalle.json (dvae section)", "to train")
+    assert not (out / "tokenizer").exists()  # refused before the first stage
+
+
+def test_estimate_matches_the_built_model():
+    from dalle.config import get_preset
+    from dalle.io import estimate_size
+    from dalle.transformer import DalleTransformer
+
+    config = get_preset("tiny").transformer
+    config.n_layers = 5
+    params, size = estimate_size(DalleTransformer, config)
+    model = DalleTransformer(config)
+    assert params == sum(p.numel() for p in model.parameters())
+    assert size == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
