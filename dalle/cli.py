@@ -244,8 +244,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from dalle.info import describe_model, describe_preset
 
-    lines = describe_preset(args.preset) if args.preset else describe_model(args.model)
+    problems: list[str] = []
+    lines = describe_preset(args.preset) if args.preset else describe_model(args.model, problems)
     print("\n".join(lines))
+    if problems:
+        raise UsageError(f"{args.model} would not load: " + "; ".join(problems))
     return 0
 
 

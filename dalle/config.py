@@ -248,8 +248,10 @@ def load_config(cls: type[T], path: str | Path) -> T:
         raise ConfigError(f"missing config file {path}")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if isinstance(data, dict):
+        data.pop("checksums", None)  # an export's checksums of its files (dalle.io), not a config field
     return config_from_dict(cls, data, str(path))
 
 

@@ -36,22 +36,38 @@ def describe_preset(name: str) -> list[str]:
     ]
 
 
-def describe_model(folder: Path) -> list[str]:
-    from dalle.io import ModelLoadError
+def describe_model(folder: Path, problems: list[str] | None = None) -> list[str]:
+    """One line a component: its size, how its weights were verified (checksum), its config.
+
+    A component that would not load gets a ``BROKEN`` line, and what is wrong with it is
+    appended to ``problems`` (``dalle info`` then fails, naming them).
+    """
+    from dalle.config import CLIPConfig, DVAEConfig, TokenizerConfig, TransformerConfig
+    from dalle.io import ModelLoadError, check_export, load_config_with_checksums
     from dalle.pipeline import bundled_model_dir
 
     folder = Path(folder) if folder is not None else bundled_model_dir()
+    if folder.is_file():
+        raise ModelLoadError(f"{folder} is a file; give the model folder (the one holding tokenizer/, dvae/, transformer/)")
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist")
     lines = [f"model {folder}"]
-    for part in ("tokenizer", "dvae", "transformer", "clip"):
-        cfg_path = folder / part / "config.json"
-        if not cfg_path.is_file():
+    parts = {"tokenizer": (TokenizerConfig, "tokenizer.json"), "dvae": (DVAEConfig, "model.safetensors"),
+             "transformer": (TransformerConfig, "model.safetensors"), "clip": (CLIPConfig, "model.safetensors")}
+    for part, (config_cls, weights_name) in parts.items():
+        if not (folder / part / "config.json").is_file():
             lines.append(f"{part}: missing")
             continue
-        weights = folder / part / "model.safetensors"
-        size = f", {weights.stat().st_size / 1e6:.1f} MB" if weights.is_file() else ""
-        lines.append(f"{part}{size}: {json.dumps(json.loads(cfg_path.read_text()), separators=(',', ':'))}")
+        problem, checksum = check_export(folder / part, config_cls, weights_name)
+        if problem is not None:
+            lines.append(f"{part}: BROKEN: {problem}")
+            if problems is not None:
+                problems.append(f"{part}: {problem}")
+            continue
+        weights = folder / part / weights_name
+        config, _ = load_config_with_checksums(config_cls, folder / part / "config.json")
+        lines.append(f"{part}, {weights.stat().st_size / 1e6:.1f} MB, {checksum}: "
+                     f"{json.dumps(config_to_dict(config), separators=(',', ':'))}")
     return lines
 
 

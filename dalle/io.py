@@ -4,6 +4,11 @@ A component folder holds ``config.json`` (its config dataclass) and
 ``model.safetensors``.  Loading needs nothing from the user: the config says
 how to build the module, and every mismatch between the file and the module is
 reported by name.  No pickle is read or written anywhere.
+
+The config also holds the SHA-256 of the files exported beside it (``"checksums":
+{"model.safetensors": HEX}``), checked on every load, so a damaged or edited weights file
+is refused instead of loaded with wrong values.  Folders exported before checksums
+existed (no such key) still load; ``dalle info`` says "no checksum" for them.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dalle.config import ConfigError, load_config, save_config
+from dalle.config import ConfigError, config_from_dict, config_to_dict
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -95,6 +100,48 @@ def _unique_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+CHECKSUMS_KEY = "checksums"  # config.json: {file name: SHA-256} of the files exported beside it
+
+
+def save_config_with_checksums(config: Any, path: str | Path, files: list[str | Path]) -> None:
+    """Write ``config`` as JSON to ``path`` (atomically) with the SHA-256 of each of ``files``."""
+    data = config_to_dict(config)
+    data[CHECKSUMS_KEY] = {Path(f).name: file_sha256(f) for f in files}
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def load_config_with_checksums(cls: type[C], path: str | Path) -> tuple[C, dict[str, str]]:
+    """``(config, checksums)`` from a component's ``config.json``; ``checksums`` is {} for an old export."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"missing config file {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    checksums = data.pop(CHECKSUMS_KEY, {}) if isinstance(data, dict) else {}
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+        raise ConfigError(f"{path}: {CHECKSUMS_KEY!r} must map file names to SHA-256 strings")
+    return config_from_dict(cls, data, str(path)), checksums
+
+
+def verify_checksum(path: str | Path, checksums: dict[str, str]) -> str | None:
+    """Check ``path`` against its entry in ``checksums``: its SHA-256, or None when it has no entry.
+
+    Raises :class:`ModelLoadError` when the file differs from what was exported.
+    """
+    path = Path(path)
+    expected = checksums.get(path.name)
+    if expected is None:
+        return None
+    if not path.is_file():
+        raise ModelLoadError(f"missing weights file {path}")
+    if file_sha256(path) != expected:
+        raise ModelLoadError(f"{path} fails its checksum (the SHA-256 in {CONFIG_NAME}): it was changed or damaged "
+                             "after export; copy it again, re-export or retrain it")
+    return expected
+
+
 def save_module(folder: str | Path, module: nn.Module, config: Any, dtype: torch.dtype | None = None) -> Path:
     """Write ``folder/config.json`` and ``folder/model.safetensors``.
 
@@ -110,7 +157,7 @@ def save_module(folder: str | Path, module: nn.Module, config: Any, dtype: torch
     # process, so two keys would make the same weights hash differently from run to run
     # (the token cache is keyed by the dVAE file's SHA-256).
     save_tensors(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write(folder / CONFIG_NAME, lambda tmp: save_config(config, tmp))
+    save_config_with_checksums(config, folder / CONFIG_NAME, [folder / WEIGHTS_NAME])
     return folder
 
 
@@ -201,6 +248,35 @@ def check_fits(build: Callable[[C], nn.Module], config: C, device: str | torch.d
     return params
 
 
+def check_export(folder: str | Path, config_cls: type, weights_name: str = WEIGHTS_NAME) -> tuple[str | None, str]:
+    """``(problem, checksum)`` of an exported component folder, without building its module.
+
+    ``problem`` is None when the folder would load (config readable, weights file whole and
+    matching its checksum); ``checksum`` says how the file was verified ("sha256 ... verified",
+    or "no checksum" for an export made before checksums existed).
+    """
+    folder = Path(folder)
+    weights = folder / weights_name
+    try:
+        _, checksums = load_config_with_checksums(config_cls, folder / CONFIG_NAME)
+        if not weights.is_file():
+            raise ModelLoadError(f"missing {weights}")
+        if weights.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(weights), "pt"):  # reads and checks the header only
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise ModelLoadError(f"{weights} is not a readable safetensors file ({e})") from None
+        else:
+            read_json(weights)
+        verified = verify_checksum(weights, checksums)
+    except (ConfigError, ModelLoadError) as e:
+        return str(e), "unchecked"
+    return None, f"sha256 {verified} verified" if verified else "no checksum"
+
+
 def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Raise :class:`ModelLoadError` listing missing, unexpected and mis-shaped tensors."""
     expected = module.state_dict()
@@ -232,13 +308,20 @@ def load_module(
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist")
     try:
-        config = load_config(config_cls, folder / CONFIG_NAME)
+        config, checksums = load_config_with_checksums(config_cls, folder / CONFIG_NAME)
     except ConfigError as e:
         raise ModelLoadError(str(e)) from None
     check_fits(build, config, device, str(folder / CONFIG_NAME))  # before allocating anything
+    try:
+        verify_checksum(folder / WEIGHTS_NAME, checksums)
+        damaged = None
+    except ModelLoadError as e:
+        damaged = e  # refused below, unless a more precise problem (not safetensors, wrong shapes) is found first
     module = build(config)
     state = load_tensors(folder / WEIGHTS_NAME)
     check_state_dict(module, state, str(folder / WEIGHTS_NAME))
+    if damaged is not None:
+        raise damaged
     reference = module.state_dict()
     state = {k: v.to(reference[k].dtype) for k, v in state.items()}
     module.load_state_dict(state, strict=False)  # strictness checked above (tied weights allowed)

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from dalle.config import ConfigError, TokenizerConfig, load_config, save_config
-from dalle.io import ModelLoadError, atomic_write
+from dalle.config import ConfigError, TokenizerConfig
+from dalle.io import (ModelLoadError, atomic_write, load_config_with_checksums, save_config_with_checksums,
+                      verify_checksum)
 
 __all__ = ["EOW", "UNK", "EncodeResult", "TextTokenizer", "learn_bpe", "read_caption_file"]
 
@@ -332,7 +333,7 @@ class TextTokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         text = self._tokenizer.to_str(pretty=True)
         atomic_write(folder / TOKENIZER_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        atomic_write(folder / CONFIG_FILE, lambda tmp: save_config(self.config, tmp))
+        save_config_with_checksums(self.config, folder / CONFIG_FILE, [folder / TOKENIZER_FILE])
         return folder
 
     @classmethod
@@ -342,7 +343,7 @@ class TextTokenizer:
         if not folder.is_dir():
             raise ModelLoadError(f"tokenizer folder {folder} does not exist (train one with: dalle train tokenizer)")
         try:
-            config = load_config(TokenizerConfig, folder / CONFIG_FILE)
+            config, checksums = load_config_with_checksums(TokenizerConfig, folder / CONFIG_FILE)
             check_tokenizer_config(config)
         except ConfigError as e:
             raise ModelLoadError(f"cannot load the tokenizer config: {e}") from None
@@ -353,6 +354,7 @@ class TextTokenizer:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception for unreadable files
             raise ModelLoadError(f"{path} is not a readable tokenizers file ({e}); retrain the tokenizer") from None
+        verify_checksum(path, checksums)  # readable, but is it the file that was exported?
         return cls(tokenizer, config)
 
     # --- sizes and special ids -----------------------------------------------------------
