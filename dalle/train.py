@@ -270,10 +270,13 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
         common["checkpoint_every"] = every
     started = time.time()
     for stage in stages:
-        done = stage_complete(out / stage)
-        if whole and resume and done:
-            log(f"[{stage}] already trained in {out / stage}; skipping")
-            continue
+        if whole and resume:
+            problem = export_problem(out / stage)
+            if problem is None:
+                log(f"[{stage}] already trained in {out / stage} (export verified); skipping")
+                continue
+            if (out / stage).exists():
+                log(f"[{stage}] the export in {out / stage} is broken ({problem}); training the stage again")
         stage_steps, stage_minutes = steps, minutes
         if resume and steps is None and minutes is None:  # the last run started here says how long
             record = recorded_run(out, stage)
@@ -328,10 +331,23 @@ def _streamed(dataset) -> bool:
     return isinstance(dataset, IterableDataset)
 
 
+def export_problem(folder: Path) -> str | None:
+    """What keeps a stage's export from loading (None: it is whole and matches its checksum)."""
+    from dalle.config import CLIPConfig, DVAEConfig, TokenizerConfig, TransformerConfig
+    from dalle.io import check_export
+
+    if not (folder / "config.json").is_file():
+        return f"no export in {folder}"
+    kinds = {"tokenizer": (TokenizerConfig, "tokenizer.json"), "dvae": (DVAEConfig, "model.safetensors"),
+             "transformer": (TransformerConfig, "model.safetensors"), "clip": (CLIPConfig, "model.safetensors")}
+    config_cls, weights = kinds[folder.name]
+    problem, _ = check_export(folder, config_cls, weights)
+    return problem
+
+
 def stage_complete(folder: Path) -> bool:
-    """A stage is done when its export is whole: config plus weights (or tokenizer.json)."""
-    weights = "tokenizer.json" if folder.name == "tokenizer" else "model.safetensors"
-    return (folder / "config.json").is_file() and (folder / weights).is_file()
+    """A stage is done when its export is whole: config plus weights (or tokenizer.json), verified."""
+    return export_problem(folder) is None
 
 
 def _need_tokenizer(out: Path):

@@ -133,3 +133,79 @@ def test_estimate_matches_the_built_model():
     model = DalleTransformer(config)
     assert params == sum(p.numel() for p in model.parameters())
     assert size == sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+# --- 4 and 5. damaged exports: checksums, info, resume ----------------------------------------
+
+
+def _flip_middle(path: Path, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + n] = bytes(b ^ 0x5A for b in data[middle:middle + n])
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_exported_weights_are_refused(run_copy, tmp_path, capsys):
+    _flip_middle(run_copy / "transformer" / "model.safetensors")
+    fails_with_one_line(["generate", "a red circle", "--model", run_copy, "--out", tmp_path / "g", "--device", "cpu"],
+                        capsys, "transformer/model.safetensors", "fails its checksum")
+
+
+def test_an_edited_tokenizer_file_is_refused(run_copy, tmp_path, capsys):
+    path = run_copy / "tokenizer" / "tokenizer.json"
+    path.write_text(path.read_text() + " ")  # still a readable tokenizer, not the exported one
+    fails_with_one_line(["generate", "a red circle", "--model", run_copy, "--out", tmp_path / "g", "--device", "cpu"],
+                        capsys, "tokenizer.json", "fails its checksum")
+
+
+def test_info_reports_checksums(trained, capsys):
+    assert main(["info", "--model", str(trained)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{part}, " in out for part in ("tokenizer", "dvae", "transformer", "clip"))
+    assert out.count(" verified: ") == 4
+
+
+@pytest.mark.parametrize("damage", ["truncate", "pickle", "flip"])
+def test_info_names_a_damaged_weights_file(run_copy, capsys, damage):
+    path = run_copy / "dvae" / "model.safetensors"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "pickle":
+        path.write_bytes(b"\x80\x04\x95" + bytes(200))
+    else:
+        _flip_middle(path)
+    fails_with_one_line(["info", "--model", run_copy], capsys, "would not load", "dvae/model.safetensors",
+                        "checksum" if damage == "flip" else "not a readable safetensors")
+
+
+def test_an_export_without_checksums_still_loads(run_copy, tmp_path, capsys):
+    """Folders exported before checksums existed (like the bundled model) load; info says so."""
+    for part in ("tokenizer", "dvae", "transformer", "clip"):
+        path = run_copy / part / "config.json"
+        config = json.loads(path.read_text())
+        del config["checksums"]
+        path.write_text(json.dumps(config))
+    assert main(["info", "--model", str(run_copy)]) == 0
+    assert capsys.readouterr().out.count("no checksum") == 4
+    assert main(["generate", "a red circle", "--model", str(run_copy), "--candidates", "1", "--keep", "1",
+                 "--out", str(tmp_path / "g"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    # Without a checksum a damaged file is still caught when it is not whole safetensors.
+    path = run_copy / "transformer" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    fails_with_one_line(["info", "--model", run_copy], capsys, "transformer/model.safetensors", "not a readable")
+
+
+def test_info_with_a_broken_config_names_the_file(run_copy, capsys):
+    (run_copy / "clip" / "config.json").write_text("{broken")
+    fails_with_one_line(["info", "--model", run_copy], capsys, "clip/config.json", "not valid JSON")
+
+
+def test_resume_retrains_a_stage_whose_export_is_truncated(run_copy, data_folder, capsys):
+    path = run_copy / "transformer" / "model.safetensors"
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    assert main([str(a) for a in train("all", data_folder, run_copy, "--resume")]) == 0
+    out = capsys.readouterr().out
+    assert "[dvae] already trained" in out and "[transformer] the export" in out and "is broken" in out
+    assert path.read_bytes() == whole  # re-exported from the run's last checkpoint: the same weights
