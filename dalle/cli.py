@@ -14,12 +14,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from dalle.errors import UsageError, user_errors
+
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
-
-
-class UsageError(ValueError):
-    """Bad input from the user; the message says what to fix."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -262,26 +260,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # --- entry point -------------------------------------------------------------------
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from dalle.config import ConfigError
-    from dalle.io import ModelLoadError
-
-    errors: list[type[BaseException]] = [UsageError, ConfigError, ModelLoadError, FileNotFoundError, NotADirectoryError]
-    try:
-        from dalle.data.datasets import BadImageError, DataError
-
-        errors += [BadImageError, DataError]
-    except ImportError:
-        pass
-    try:
-        from dalle.training.state import NonFiniteError
-
-        errors.append(NonFiniteError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -305,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI's one place that turns errors into a line
         if debug:
             raise
-        if isinstance(e, _user_errors()) or isinstance(e, ValueError):
+        if isinstance(e, user_errors()) or isinstance(e, ValueError):
             print(f"dalle {args.command}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         print(f"dalle {args.command}: internal error: {type(e).__name__}: {e} (set DALLE_DEBUG=1 for the traceback)",

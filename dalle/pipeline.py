@@ -24,10 +24,11 @@ from dalle.data.preprocess import eval_transform
 from dalle.dvae import DiscreteVAE
 from dalle.io import ModelLoadError
 from dalle.sampling import (
-    generate_images_tokens, keep_rows_mask, prepare_for_sampling, region_mask, static_decoder_for, use_static_decoder,
+    StaticDecoder, generate_images_tokens, keep_rows_mask, prepare_for_sampling, region_mask, static_decoder_for,
+    use_static_decoder,
 )
 from dalle.tokenizer import TextTokenizer
-from dalle.transformer import DalleTransformer, StaticDecoder
+from dalle.transformer import DalleTransformer
 
 COMPONENTS = ("tokenizer", "dvae", "transformer", "clip")
 
@@ -69,7 +70,7 @@ def load_user_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     try:
-        from dalle.data.datasets import BadImageError, load_image
+        from dalle.data.images import BadImageError, load_image
     except ImportError:  # pragma: no cover - the data package is part of the install
         return Image.open(path).convert("RGB")
     try:

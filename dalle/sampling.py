@@ -21,7 +21,7 @@ step is bound by memory traffic of the weights, not by arithmetic.
 On a GPU that loop is bound by something else: a step is hundreds of small kernels
 launched one by one from Python.  At 32x32 image tokens (benchmarks/bench_gpu.py: 12
 layers, d_model 1024, batch 32) it did not finish one batch within 30 s on an H200.
-There the sampler uses :class:`dalle.transformer.StaticDecoder` instead
+There the sampler uses :class:`StaticDecoder` instead
 (``decoder="auto"``): every step has the same shapes and is replayed as one CUDA graph
 (0.078 s an image on that H200).  It draws the same random numbers in the same order,
 so both decoders sample the same tokens from a generator, up to float rounding of the
@@ -36,8 +36,8 @@ import warnings
 import torch
 from torch import nn
 
-from dalle.attention_masks import allowed_keys
-from dalle.transformer import DalleTransformer, KVCache, MaskArgs, StaticDecoder
+from dalle.attention_masks import allowed_keys, build_mask
+from dalle.transformer import DalleTransformer, KVCache, MaskArgs
 
 DECODERS = ("auto", "static", "cached")
 
@@ -210,6 +210,99 @@ def _cache_dtype(model: DalleTransformer, device: torch.device) -> torch.dtype:
     param = next(model.parameters())
     probe = torch.zeros(1, 1, model.config.d_model, device=device, dtype=param.dtype)
     return model.blocks[0].attn.qkv(probe).dtype
+
+
+class StaticDecoder:
+    """Image-token decoding whose every step has the same shapes, replayed as a CUDA graph on the GPU.
+
+    At 32x32 image tokens a decoding step is a few hundred small kernels; launched one by
+    one from Python the GPU mostly waits for the launches.  This decoder keeps one
+    zero-initialised key/value cache ``[B, heads, S - 1, head_dim]`` per layer, feeds
+    image token ``j`` at stream position ``text_len + j`` through
+    :meth:`DalleTransformer.decode_static` (attention over the whole cache under each
+    layer's mask row), and on CUDA captures that step once as a CUDA graph, so a step
+    is one graph launch.  Each step reads every cached key, not only the allowed ones, which costs
+    memory traffic on a sparse layer but keeps the shapes fixed.
+
+    Usage (the caller samples; ``model`` in eval mode, e.g. a ``prepare_for_sampling`` copy)::
+
+        decoder = StaticDecoder(model, batch=32)
+        logits = decoder.prefill(text_ids)             # predicts image token 0
+        for j in range(grid * grid - 1):
+            tokens[:, j] = sample(logits)
+            logits = decoder.step(tokens[:, j], j)     # predicts image token j + 1
+        tokens[:, -1] = sample(logits)
+
+    The returned logits live in a buffer the next ``step`` overwrites: copy them to keep them.
+    :func:`generate_images_tokens` drives it (``decoder="auto"`` on CUDA), with completion
+    and padded batches; :func:`static_decoder_for` makes one to reuse.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: DalleTransformer, batch: int, cuda_graph: bool | None = None, warmup: int = 2):
+        if model.training:
+            raise ValueError("StaticDecoder needs the model in eval mode (model.eval())")
+        self.model = model
+        cfg = model.config
+        param = next(model.parameters())
+        self.device, self.batch = param.device, batch
+        self.dtype = _cache_dtype(model, self.device)
+        length = cfg.seq_len - 1
+        self.cache: KVCache = model.new_cache(batch, self.device, self.dtype, zeros=True)
+        # Mask rows of every layer kind (True = may attend), indexed by the fed token's position.
+        self.tables = {kind: build_mask(kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel, self.device)[:length, :length]
+                       for kind in set(model.kinds)}
+        self.positions = model.image_positions().to(self.dtype if self.dtype.is_floating_point else param.dtype)
+        self.token = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.position = torch.full((1,), cfg.text_len, dtype=torch.long, device=self.device)
+        self.graph = None
+        self.logits: torch.Tensor | None = None
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda"
+        if cuda_graph:
+            if self.device.type != "cuda":
+                raise ValueError("cuda_graph=True needs the model on a CUDA device")
+            # Warm up on a side stream (lazy initialisations must not be captured), then capture.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    self._step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA calls of other threads (e.g. a compiler's) do not break the capture.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.logits = self._step()
+            for k, v in self.cache:  # the warm-up wrote image position 0; start clean
+                k.zero_()
+                v.zero_()
+
+    def _step(self) -> torch.Tensor:
+        return self.model.decode_static(self.token, self.position, self.cache, self.tables, self.positions)
+
+    @torch.inference_mode()
+    def prefill(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """Run the text (an ordinary batched pass into the cache); returns logits ``[B, image_vocab]`` of image token 0."""
+        if tuple(text_ids.shape) != (self.batch, self.model.config.text_len):
+            raise ValueError(f"text_ids must be [{self.batch}, {self.model.config.text_len}] for this decoder, "
+                             f"got {list(text_ids.shape)}")
+        self.model.check_tokens(text_ids)
+        h = self.model.hidden_states(self.model.embed_text(text_ids.to(self.device)), 0, self.cache)
+        return self.model.image_head(h[:, -1])
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, j: int) -> torch.Tensor:
+        """Feed image token ``j`` (``tokens [B]``); returns logits ``[B, image_vocab]`` of image token ``j + 1``."""
+        n = self.model.config.image_len
+        if not 0 <= j < n - 1:
+            raise ValueError(f"image token index must be in [0, {n - 1}) (the last token is never fed), got {j}")
+        self.token.copy_(tokens)
+        self.position.fill_(self.model.config.text_len + j)
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        assert self.logits is not None
+        return self.logits
 
 
 def use_static_decoder(decoder: str | StaticDecoder, device: torch.device | str) -> bool:

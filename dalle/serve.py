@@ -47,6 +47,8 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from dalle.errors import UsageError
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 
@@ -660,8 +662,6 @@ def serve(model: Path | str | None = None, host: str = DEFAULT_HOST, port: int =
     try:
         server = make_server(lambda: DallePipeline.from_pretrained(model, device=device), host, port)
     except OSError as e:  # address in use, permission denied: a user error, not a crash
-        from dalle.cli import UsageError
-
         raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port") from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the page", flush=True)

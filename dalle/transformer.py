@@ -20,7 +20,10 @@ never emit an image code and vice versa.
 Blocks are pre-norm (``x + attn(ln(x))``, ``x + mlp(ln(x))``); each layer's attention
 mask kind (full / row / column / conv, :mod:`dalle.attention_masks`) is fixed at
 construction.  The same code path serves training (whole sequence, no cache) and
-sampling (a preallocated key/value cache, see :mod:`dalle.sampling`).
+sampling (a preallocated key/value cache, see :mod:`dalle.sampling`).  For decoders
+that need fixed shapes (a CUDA graph) the model also offers one decoding step,
+:meth:`DalleTransformer.decode_static`; the decoding loops themselves live in
+:mod:`dalle.sampling`.
 
 Attention runs on one of two paths (``TransformerConfig.attention_impl``): ``dense``,
 PyTorch's scaled-dot-product attention under a boolean mask (the reference, and the CPU
@@ -479,13 +482,39 @@ class DalleTransformer(nn.Module):
         return self.ln_f(x)
 
     def new_cache(
-        self, batch: int, device: torch.device | str, dtype: torch.dtype, length: int | None = None
+        self, batch: int, device: torch.device | str, dtype: torch.dtype, length: int | None = None,
+        zeros: bool = False,
     ) -> KVCache:
-        """Preallocated key/value cache; ``length`` defaults to ``S - 1`` (the last image token is never fed)."""
+        """Preallocated key/value cache; ``length`` defaults to ``S - 1`` (the last image token is never fed).
+
+        ``zeros=True`` fills it with zeros (what :meth:`decode_static` needs), else it is left uninitialised.
+        """
         cfg = self.config
         shape = (batch, cfg.n_heads, cfg.seq_len - 1 if length is None else length, cfg.head_dim)
-        return [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+        alloc = torch.zeros if zeros else torch.empty
+        return [(alloc(shape, device=device, dtype=dtype), alloc(shape, device=device, dtype=dtype))
                 for _ in self.blocks]
+
+    def decode_static(
+        self, token: torch.Tensor, position: torch.Tensor, cache: KVCache, masks: dict[str, torch.Tensor],
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decoding step with static shapes: image token ``token [B]`` fed at stream ``position``.
+
+        ``position`` is a one-element LongTensor (``text_len + j`` for image token ``j``),
+        ``cache`` a zero-filled :meth:`new_cache` of the full length, ``masks`` each layer
+        kind's mask table ``[S - 1, S - 1]`` (True = may attend; the row at ``position`` is
+        used), ``positions`` the :meth:`image_positions` table in the activations' dtype.
+        Every call has the same shapes and reads no value on the host, so it can be
+        captured as a CUDA graph (:class:`dalle.sampling.StaticDecoder` does).  Returns
+        the logits ``[B, image_vocab]`` of the next image token.
+        """
+        t = self.config.text_len
+        x = self.image_embedding(token)[:, None, :] + positions.index_select(0, position - t)[None]
+        rows = {kind: table.index_select(0, position) for kind, table in masks.items()}
+        for block, layer_cache in zip(self.blocks, cache):
+            x = block.decode_static(x, layer_cache, position, rows[block.attn.kind])
+        return self.image_head(self.ln_f(x)[:, 0])
 
     # --- training interface ------------------------------------------------------
 
@@ -571,103 +600,3 @@ class DalleTransformer(nn.Module):
         total = cfg.text_loss_weight * text_loss + cfg.image_loss_weight * image_loss
         return total, {"text_loss": text_loss.detach(), "image_loss": image_loss.detach()}
 
-
-class StaticDecoder:
-    """Image-token decoding whose every step has the same shapes, replayed as a CUDA graph on the GPU.
-
-    At 32x32 image tokens a decoding step is a few hundred small kernels; launched one by
-    one from Python the GPU mostly waits for the launches.  This decoder keeps one
-    zero-initialised key/value cache ``[B, heads, S - 1, head_dim]`` per layer, feeds
-    image token ``j`` at stream position ``text_len + j`` through
-    :meth:`Block.decode_static` (attention over the whole cache under the layer's mask
-    row), and on CUDA captures that step once as a CUDA graph, so a step is one graph
-    launch.  Each step reads every cached key, not only the allowed ones, which costs
-    memory traffic on a sparse layer but keeps the shapes fixed.
-
-    Usage (the caller samples; ``model`` in eval mode, e.g. a ``prepare_for_sampling`` copy)::
-
-        decoder = StaticDecoder(model, batch=32)
-        logits = decoder.prefill(text_ids)             # predicts image token 0
-        for j in range(grid * grid - 1):
-            tokens[:, j] = sample(logits)
-            logits = decoder.step(tokens[:, j], j)     # predicts image token j + 1
-        tokens[:, -1] = sample(logits)
-
-    The returned logits live in a buffer the next ``step`` overwrites: copy them to keep them.
-    :func:`dalle.sampling.generate_images_tokens` drives it (``decoder="auto"`` on CUDA), with
-    completion and padded batches; :func:`dalle.sampling.static_decoder_for` makes one to reuse.
-    """
-
-    @torch.inference_mode()
-    def __init__(self, model: DalleTransformer, batch: int, cuda_graph: bool | None = None, warmup: int = 2):
-        if model.training:
-            raise ValueError("StaticDecoder needs the model in eval mode (model.eval())")
-        self.model = model
-        cfg = model.config
-        param = next(model.parameters())
-        self.device, self.batch = param.device, batch
-        probe = torch.zeros(1, 1, cfg.d_model, device=self.device, dtype=param.dtype)
-        self.dtype = model.blocks[0].attn.qkv(probe).dtype
-        length = cfg.seq_len - 1
-        shape = (batch, cfg.n_heads, length, cfg.head_dim)
-        self.cache: KVCache = [(torch.zeros(shape, device=self.device, dtype=self.dtype),
-                                torch.zeros(shape, device=self.device, dtype=self.dtype)) for _ in model.blocks]
-        # Mask rows of every layer kind (True = may attend), indexed by the fed token's position.
-        self.tables = {kind: build_mask(kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel, self.device)[:length, :length]
-                       for kind in set(model.kinds)}
-        self.positions = model.image_positions().to(self.dtype if self.dtype.is_floating_point else param.dtype)
-        self.token = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.position = torch.full((1,), cfg.text_len, dtype=torch.long, device=self.device)
-        self.graph = None
-        self.logits: torch.Tensor | None = None
-        if cuda_graph is None:
-            cuda_graph = self.device.type == "cuda"
-        if cuda_graph:
-            if self.device.type != "cuda":
-                raise ValueError("cuda_graph=True needs the model on a CUDA device")
-            # Warm up on a side stream (lazy initialisations must not be captured), then capture.
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    self._step()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: CUDA calls of other threads (e.g. a compiler's) do not break the capture.
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.logits = self._step()
-            for k, v in self.cache:  # the warm-up wrote image position 0; start clean
-                k.zero_()
-                v.zero_()
-
-    def _step(self) -> torch.Tensor:
-        model, t = self.model, self.model.config.text_len
-        x = model.image_embedding(self.token)[:, None, :] + self.positions.index_select(0, self.position - t)[None]
-        rows = {kind: table.index_select(0, self.position) for kind, table in self.tables.items()}
-        for block, cache in zip(model.blocks, self.cache):
-            x = block.decode_static(x, cache, self.position, rows[block.attn.kind])
-        return model.image_head(model.ln_f(x)[:, 0])
-
-    @torch.inference_mode()
-    def prefill(self, text_ids: torch.Tensor) -> torch.Tensor:
-        """Run the text (an ordinary batched pass into the cache); returns logits ``[B, image_vocab]`` of image token 0."""
-        if tuple(text_ids.shape) != (self.batch, self.model.config.text_len):
-            raise ValueError(f"text_ids must be [{self.batch}, {self.model.config.text_len}] for this decoder, "
-                             f"got {list(text_ids.shape)}")
-        self.model.check_tokens(text_ids)
-        h = self.model.hidden_states(self.model.embed_text(text_ids.to(self.device)), 0, self.cache)
-        return self.model.image_head(h[:, -1])
-
-    @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, j: int) -> torch.Tensor:
-        """Feed image token ``j`` (``tokens [B]``); returns logits ``[B, image_vocab]`` of image token ``j + 1``."""
-        n = self.model.config.image_len
-        if not 0 <= j < n - 1:
-            raise ValueError(f"image token index must be in [0, {n - 1}) (the last token is never fed), got {j}")
-        self.token.copy_(tokens)
-        self.position.fill_(self.model.config.text_len + j)
-        if self.graph is None:
-            return self._step()
-        self.graph.replay()
-        assert self.logits is not None
-        return self.logits

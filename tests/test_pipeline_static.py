@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for helpers/, whatev
 from helpers.tiny_pipeline import build_tiny_pipeline, shapes_image  # noqa: E402
 
 import dalle.sampling as sampling  # noqa: E402
-from dalle.transformer import StaticDecoder  # noqa: E402
+from dalle.sampling import StaticDecoder  # noqa: E402
 
 
 @pytest.fixture()

@@ -325,7 +325,7 @@ def test_full_queue_answers_503(server):
 
 
 def test_serve_says_when_the_port_is_taken(server, tmp_path):
-    from dalle.cli import UsageError
+    from dalle.errors import UsageError
     from dalle.serve import serve
 
     server.pipeline.save_pretrained(tmp_path / "model")

@@ -238,7 +238,7 @@ def masks_without_flex(masks) -> bool:
 @pytest.mark.parametrize("attention", ["full", "sparse"])
 def test_static_decoder_steps_give_the_training_logits(attention):
     """The fixed-shape decoding step (CUDA-graph ready) predicts what the whole-sequence pass predicts."""
-    from dalle.transformer import StaticDecoder
+    from dalle.sampling import StaticDecoder
 
     model = model_for(tiny_config(attention=attention))
     text, images = random_batch(3)

@@ -4,8 +4,10 @@ Names are imported on first use, so ``import dalle.data`` stays cheap (and
 ``dalle.data.shapes`` does not pull in torch).
 
 * :mod:`dalle.data.shapes` - the shapes set (``ShapesDataset``, ``write_shapes``).
-* :mod:`dalle.data.datasets` - readers for folders, MS-COCO and WebDataset shards (indexed or streamed),
-  :func:`open_dataset`, :func:`load_image` and the bad-image accounting.
+* :mod:`dalle.data.datasets` - :func:`open_dataset` (picks the reader a path needs), :func:`iter_samples`.
+* :mod:`dalle.data.images` - :class:`Sample`, :func:`load_image`, the bad-image accounting.
+* :mod:`dalle.data.folder`, :mod:`dalle.data.coco`, :mod:`dalle.data.webdataset` - one reader per
+  format: folders of images with ``.txt`` captions, MS-COCO, WebDataset shards (indexed or streamed).
 * :mod:`dalle.data.preprocess` - the paper's crop/resize, batching, :func:`make_loader`.
 * :mod:`dalle.data.token_cache` - images encoded once into dVAE tokens on disk.
 """
@@ -16,25 +18,25 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
-    # datasets
-    "BadImageError": "datasets",
-    "CocoDataset": "datasets",
-    "DataError": "datasets",
-    "DEFAULT_MAX_PIXELS": "datasets",
-    "FolderDataset": "datasets",
-    "IMAGE_EXTENSIONS": "datasets",
-    "IndexedShards": "datasets",
-    "Sample": "datasets",
-    "SkipCounter": "datasets",
-    "Skipped": "datasets",
-    "StreamingOnlyError": "datasets",
-    "TooManyBadImagesError": "datasets",
-    "WebDatasetShards": "datasets",
-    "expand_shards": "datasets",
+    # readers (datasets: open_dataset; images: what every reader shares; folder, coco, webdataset)
+    "BadImageError": "images",
+    "CocoDataset": "coco",
+    "DataError": "images",
+    "DEFAULT_MAX_PIXELS": "images",
+    "FolderDataset": "folder",
+    "IMAGE_EXTENSIONS": "images",
+    "IndexedShards": "webdataset",
+    "Sample": "images",
+    "SkipCounter": "images",
+    "Skipped": "images",
+    "StreamingOnlyError": "webdataset",
+    "TooManyBadImagesError": "images",
+    "WebDatasetShards": "webdataset",
+    "expand_shards": "webdataset",
     "iter_samples": "datasets",
-    "load_image": "datasets",
+    "load_image": "images",
     "open_dataset": "datasets",
-    "read_captions_file": "datasets",
+    "read_captions_file": "images",
     # preprocess
     "PAPER_CROP_SCALE": "preprocess",
     "SHAPES_CROP_SCALE": "preprocess",

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from dalle.data.datasets import Sample, Skipped
+from dalle.data.images import Sample, Skipped
 
 # The paper crops a random square of a mildly random size; 0.75..1 of the shorter
 # side keeps most of the scene (and so most of what the caption names).

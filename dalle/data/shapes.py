@@ -7,7 +7,7 @@ The contract (palette, sizes, margins, relations, held-out pairs) is
 Everything is a pure function of a NumPy ``Generator``: item ``i`` of split
 ``s`` with seed ``k`` is drawn from ``np.random.default_rng([k, SPLIT_IDS[s], i])``,
 so a data set never needs to be stored to be reproduced. ``ShapesDataset`` serves
-items as :class:`Sample` (the package's ``dalle.data.datasets.Sample``: image,
+items as :class:`Sample` (the package's ``dalle.data.images.Sample``: image,
 captions, key; plus the structured ``scene``), and ``write_shapes`` writes a
 folder of ``NNNNNN.png`` + ``NNNNNN.txt`` with a ``scenes.jsonl`` for evaluators.
 
@@ -45,7 +45,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from dalle.data.datasets import Sample as _BaseSample
+from dalle.data.images import Sample as _BaseSample
 
 # --- The contract (SHAPES.md) ------------------------------------------------
 IMAGE_SIZE = 64
@@ -458,7 +458,7 @@ def render(scene: Scene) -> Image.Image:
 # --- Data set ---------------------------------------------------------------------
 @dataclass
 class Sample(_BaseSample):
-    """A :class:`dalle.data.datasets.Sample` (image, captions, key) with its ``scene``."""
+    """A :class:`dalle.data.images.Sample` (image, captions, key) with its ``scene``."""
 
     scene: Scene | None = field(default=None)
 

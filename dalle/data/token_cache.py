@@ -36,14 +36,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from dalle.data.datasets import (
+from dalle.data.images import (
     DEFAULT_MAX_BAD_FRACTION,
     BadImageError,
     DataError,
+    MapDataset,
     Sample,
     SkipCounter,
     Skipped,
-    _MapDataset,
 )
 from dalle.data.preprocess import eval_transform
 
@@ -234,7 +234,7 @@ class _Items(Dataset):
 
     def __getitem__(self, i: int) -> Sample | Skipped:
         index = self.start + i
-        if isinstance(self.dataset, _MapDataset):
+        if isinstance(self.dataset, MapDataset):
             try:
                 return self.dataset.load(index)
             except BadImageError as e:

@@ -33,7 +33,7 @@ from dalle.data import (
     open_dataset,
     read_captions_file,
 )
-from dalle.data.datasets import expand_braces
+from dalle.data.webdataset import expand_braces
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle.data import datasets, shapes
+from dalle.data import images, shapes
 from dalle.data.shapes import (
     CATEGORIES,
     HELD_OUT,
@@ -147,7 +147,7 @@ def test_val_and_test_hold_zero_shot_alone_and_beside_others(samples):
 
 def test_determinism_and_split_disjointness(samples):
     a, b = ShapesDataset("val", 50, seed=0), ShapesDataset("val", 50, seed=0)
-    assert isinstance(a[0], datasets.Sample) and a[0].scene is not None  # the package's Sample, plus the scene
+    assert isinstance(a[0], images.Sample) and a[0].scene is not None  # the package's Sample, plus the scene
     for i in (0, 7, 49, -1):
         x, y = a[i], b[i]
         assert x.image.tobytes() == y.image.tobytes() and x.captions == y.captions and x.key == y.key
