@@ -71,6 +71,8 @@ def _add_sampling_options(p: argparse.ArgumentParser, with_sampling: bool = True
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dalle.config import PRESETS  # no torch: the help stays instant
+
     parser = _Parser(prog="dalle", description="DALL-E: text-to-image generation, training and evaluation.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -104,13 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("component", choices=["tokenizer", "dvae", "transformer", "clip", "all"])
     t.add_argument("--data", required=True, help="data folder (image+txt pairs, COCO, WebDataset shards) or 'shapes'")
     t.add_argument("--out", type=Path, required=True, help="model folder to write (and resume from)")
-    t.add_argument("--preset", default="shapes", help="config preset (default shapes)")
+    t.add_argument("--preset", default=None,
+                   help=f"config preset of a new model folder: {', '.join(PRESETS)} (default: shapes for "
+                        "--data shapes, small-64 for your own images; dalle info --presets describes them)")
     budget = t.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=_bounded(int, 1, None, "--steps"), default=None)
     budget.add_argument("--minutes", type=_bounded(float, 0.01, None, "--minutes"), default=None)
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that holds another run (moved to OUT/replaced/)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one field of the config (repeatable), e.g. --set dvae.codebook_size=1024; "
+                        "stored in OUT/dalle.json. With --resume only fields that do not change a trained "
+                        "component (train.*, dropout, loss weights, ...) are accepted")
     t.add_argument("--device", default=None)
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
@@ -133,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     which = i.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", type=Path)
     which.add_argument("--preset")
+    which.add_argument("--presets", action="store_true", help="list every preset, one a line")
     i.set_defaults(func=cmd_info)
 
     w = sub.add_parser("serve", help="start the local web page")
@@ -218,9 +227,11 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dalle.train import train_component
 
-    out = train_component(args.component, data=args.data, out=args.out, preset=args.preset, steps=args.steps,
+    preset = args.preset or ("shapes" if args.data == "shapes" or args.data.startswith("shapes:") else "small-64")
+    out = train_component(args.component, data=args.data, out=args.out, preset=preset, steps=args.steps,
                           minutes=args.minutes, resume=args.resume, device=args.device, seed=args.seed,
-                          strategy=args.strategy, compile=args.compile, overwrite=args.overwrite)
+                          strategy=args.strategy, compile=args.compile, overrides=args.overrides,
+                          overwrite=args.overwrite)
     print(f"trained {args.component}: {out}")
     return 0
 
@@ -240,10 +251,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from dalle.info import describe_model, describe_preset
+    from dalle.info import describe_model, describe_preset, describe_presets
 
     problems: list[str] = []
-    lines = describe_preset(args.preset) if args.preset else describe_model(args.model, problems)
+    if args.presets:
+        lines = describe_presets()
+    else:
+        lines = describe_preset(args.preset) if args.preset else describe_model(args.model, problems)
     print("\n".join(lines))
     if problems:
         raise UsageError(f"{args.model} would not load: " + "; ".join(problems))

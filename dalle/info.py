@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-from dalle.config import DalleConfig, config_to_dict, get_preset
+from dalle.config import PRESETS, DalleConfig, config_to_dict, get_preset
+
+TIMINGS_FILE = Path(__file__).resolve().parent / "preset_timings.json"
 
 
 def _transformer_counts(config: DalleConfig) -> tuple[int, int]:
@@ -34,6 +36,72 @@ def describe_preset(name: str) -> list[str]:
         f"vocabulary {t.text_vocab} text (incl. {t.text_len} padding ids) + {t.image_vocab} image codes",
         f"dvae {config.dvae.image_size}px -> {config.dvae.grid_size}x{config.dvae.grid_size} x {config.dvae.codebook_size} codes",
     ]
+
+
+def component_parameters(config: DalleConfig) -> dict[str, int]:
+    """Parameters of the dVAE, transformer (with embeddings) and CLIP, built on the meta device."""
+    from dalle.clip import CLIP
+    from dalle.dvae import DiscreteVAE
+    from dalle.transformer import DalleTransformer
+
+    with torch.device("meta"):
+        models = {"dvae": DiscreteVAE(config.dvae), "transformer": DalleTransformer(config.transformer),
+                  "clip": CLIP(config.clip)}
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+
+
+def _compact(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(int(n))
+
+
+def load_timings() -> dict:
+    """What benchmarks/bench_presets.py measured (empty when it has not been run)."""
+    try:
+        return json.loads(TIMINGS_FILE.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _timing_text(row: dict | None) -> str:
+    if not row:
+        return "cpu_s_per_step not measured"
+    parts = []
+    for component in ("dvae", "transformer", "clip"):
+        t = row.get(component)
+        if t:
+            mark = "~" if "scaled_from_batch" in t else ""
+            parts.append(f"{component} {mark}{t['seconds_per_step']:.3g}")
+    return "cpu_s_per_step " + " ".join(parts)
+
+
+def describe_presets() -> list[str]:
+    """One line a preset, its name first; a footnote says how the step times were measured."""
+    timings = load_timings()
+    measured = timings.get("presets", {})
+    lines = []
+    for name in PRESETS:
+        config = get_preset(name)
+        dv, tr = config.dvae, config.transformer
+        params = component_parameters(config)
+        first = (PRESETS[name].__doc__ or "").strip().splitlines()[0]
+        lines.append(
+            f"{name}  image {dv.image_size}px  tokens {dv.grid_size}x{dv.grid_size} ({dv.downsample}x down) "
+            f"x {dv.codebook_size} codes  text {tr.text_len}  "
+            f"params dvae {_compact(params['dvae'])} transformer {_compact(params['transformer'])} "
+            f"clip {_compact(params['clip'])}  "
+            f"batch {config.train.dvae_batch}/{config.train.transformer_batch}/{config.train.clip_batch}  "
+            f"{_timing_text(measured.get(name))}  -- {first}")
+    if timings:
+        load = timings.get("load_average_1min")
+        lines.append(
+            f"# cpu_s_per_step: seconds per training step (dvae/transformer/clip at the batches shown), measured by "
+            f"{timings.get('command', 'benchmarks/bench_presets.py')} on {timings.get('cpu_count')} cores of "
+            f"{timings.get('cpu')}, {timings.get('threads')} thread(s), load average {load}, {timings.get('date')}; "
+            "rough: data loading and evaluations not included; ~ marks estimates timed at a smaller batch and scaled")
+    return lines
 
 
 def describe_model(folder: Path, problems: list[str] | None = None) -> list[str]:
@@ -71,4 +139,4 @@ def describe_model(folder: Path, problems: list[str] | None = None) -> list[str]
     return lines
 
 
-__all__ = ["describe_model", "describe_preset", "config_to_dict"]
+__all__ = ["describe_model", "describe_preset", "describe_presets", "component_parameters", "config_to_dict"]

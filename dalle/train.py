@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from dalle.config import DalleConfig, ConfigError, get_preset, load_config, save_config
+from dalle.config import (SPLIT_FIELDS, ConfigError, DalleConfig, apply_overrides, config_changes, get_preset,
+                          is_architecture_field, load_config, save_config)
 
 CONFIG_FILE = "dalle.json"
 # Share of a ``train all --minutes M`` budget each stage gets.
@@ -134,16 +135,28 @@ def resolve_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def model_config(out: Path, preset: str) -> DalleConfig:
-    """The folder's saved config, else the preset's (saved for the next steps)."""
+def model_config(out: Path, preset: str, overrides: list[str] | None = None, resume: bool = False,
+                 stages: list[str] | tuple[str, ...] = ()) -> DalleConfig:
+    """The folder's saved config, else the preset's, with ``--set`` overrides applied and saved.
+
+    The first run of a folder writes ``OUT/dalle.json``; later runs read it back (the preset
+    then no longer matters).  An override that changes a component already trained (or
+    checkpointed) in ``out`` is refused unless this run trains that component afresh: with
+    ``--resume``, or when the component is not among ``stages``.  Overrides that only steer
+    training (the ``train`` section, any section not holding a component, and the fields of
+    :data:`dalle.config.TRAINING_ONLY_FIELDS`) are always accepted: a resumed run then goes
+    on with the new step count, learning rate and so on.
+    """
     path = out / CONFIG_FILE
-    if path.is_file():
-        config = load_config(DalleConfig, path)
-    else:
-        config = get_preset(preset)
+    saved = path.is_file()
+    base = load_config(DalleConfig, path) if saved else get_preset(preset)
+    config, applied = apply_overrides(base, list(overrides or []))
+    config.check()
+    if saved and applied:
+        refuse_architecture_changes(base, config, out, resume, stages)
+    if not saved or config != base:  # ranks after the first find it saved already
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, path)
-    config.check()
     return config
 
 
@@ -163,6 +176,30 @@ def check_stages_fit(config: DalleConfig, stages: list[str], device: str, where:
         if stage in builds:
             build, part = builds[stage]
             check_fits(build, part, device, f"{where} ({stage} section)", factor=TRAIN_FACTOR, doing="train")
+
+
+def refuse_architecture_changes(old: DalleConfig, new: DalleConfig, out: Path, resume: bool,
+                                stages: list[str] | tuple[str, ...]) -> None:
+    """Raise ConfigError if ``new`` changes a component that ``out`` holds and this run keeps."""
+    for section, key, before, after in config_changes(old, new):
+        if f"{section}.{key}" in SPLIT_FIELDS:
+            kept = [s for s in ("dvae", "transformer", "clip")
+                    if ((out / s).exists() or (out / "checkpoints" / s).exists()) and (resume or s not in stages)]
+            if kept:
+                raise ConfigError(
+                    f"--set changes {section}.{key} from {before!r} to {after!r}, which moves the held-out split, "
+                    f"but the {', '.join(kept)} in {out} trained with the old one; train into a new --out")
+            continue
+        if not is_architecture_field(section, key):
+            continue
+        present = (out / section).exists() or (out / "checkpoints" / section).exists()
+        fresh = not resume and section in stages
+        if present and not fresh:
+            how = ("--resume continues the trained weights" if resume
+                   else f"this run does not retrain the {section}")
+            raise ConfigError(
+                f"--set changes {section}.{key} from {before!r} to {after!r}, but {out / section} was trained "
+                f"with {before!r} and {how}; train into a new --out, or retrain the {section} without --resume")
 
 
 def open_training_data(data: str, split: str = "train", seed: int = 0, shapes_size: int = 50_000):
@@ -237,7 +274,7 @@ def build_or_open_token_cache(dataset, out: Path, device: str):
 def train_component(component: str, *, data: str, out: Path, preset: str = "shapes", steps: int | None = None,
                     minutes: float | None = None, resume: bool = False, device: str | None = None,
                     seed: int | None = None, strategy: str = "ddp", compile: bool = False,
-                    overwrite: bool = False) -> Path:
+                    overrides: list[str] | None = None, overwrite: bool = False) -> Path:
     """Train ``component`` (or ``all``) on ``data`` into the model folder ``out``.
 
     Under ``torchrun`` every rank runs this; files shared by all ranks (the config,
@@ -259,7 +296,7 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
     with main_process_first(info):
         if not resume and info.is_main and (aside := claim_out_folder(out, stages, whole, overwrite)):
             log(f"--overwrite: the earlier run in {out} was moved to {aside}")
-        config = model_config(out, preset)
+        config = model_config(out, preset, overrides, resume=resume, stages=stages)
     if strategy != "fsdp":  # (sharded, each rank holds a part: the estimate would be too strict)
         check_stages_fit(config, stages, device, out / CONFIG_FILE)
     dataset = open_training_data(data, "train", seed=config.train.seed if seed is None else seed,

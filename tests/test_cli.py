@@ -112,3 +112,70 @@ def test_bad_input_gives_one_line_and_nonzero_status(argv, message, tiny_model, 
     err = capsys.readouterr().err
     assert code != 0
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+# --- --set and presets -------------------------------------------------------------------
+
+
+def test_train_set_is_stored_and_a_resume_refuses_an_architecture_change(tmp_path, capsys):
+    out = tmp_path / "m"
+    common = ["--data", "shapes", "--out", str(out), "--preset", "tiny", "--device", "cpu"]
+    assert main(["train", "tokenizer", *common, "--set", "tokenizer.vocab_size=300",
+                 "--set", "train.dvae_lr=5e-4"]) == 0
+    saved = json.loads((out / "dalle.json").read_text())
+    assert saved["tokenizer"]["vocab_size"] == 300 and saved["train"]["dvae_lr"] == 5e-4
+    assert saved["transformer"]["text_vocab"] == 300 + saved["tokenizer"]["text_len"]  # the copies followed
+    capsys.readouterr()
+    # The trained tokenizer has 300 ids: a resume cannot change that ...
+    assert main(["train", "tokenizer", *common, "--resume", "--set", "tokenizer.vocab_size=400"]) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "tokenizer.vocab_size from 300 to 400" in err
+    # ... nor can a run of another stage that keeps the tokenizer; retraining it afresh can.
+    assert main(["train", "dvae", *common, "--steps", "1", "--set", "tokenizer.vocab_size=400"]) != 0
+    assert "does not retrain the tokenizer" in capsys.readouterr().err
+    assert json.loads((out / "dalle.json").read_text())["tokenizer"]["vocab_size"] == 300
+    # Training-only fields go through on a resume and are stored.
+    assert main(["train", "tokenizer", *common, "--resume", "--set", "train.transformer_steps=7",
+                 "--set", "tokenizer.bpe_dropout=0"]) == 0
+    saved = json.loads((out / "dalle.json").read_text())
+    assert saved["train"]["transformer_steps"] == 7 and saved["tokenizer"]["bpe_dropout"] == 0.0
+    assert main(["train", "tokenizer", *common, "--set", "tokenizer.vocab_size=400"]) == 0  # retrained afresh
+
+
+def test_train_set_unknown_field_is_a_one_line_usage_error(tmp_path, capsys):
+    code = main(["train", "tokenizer", "--data", "shapes", "--out", str(tmp_path / "m"), "--preset", "tiny",
+                 "--set", "dvae.codebook=1024"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "dvae has no field 'codebook'; its fields: image_size" in err and "codebook_size" in err
+    assert not (tmp_path / "m" / "dalle.json").exists()
+
+
+def test_info_presets_lists_one_preset_a_line(capsys):
+    from dalle.config import PRESETS
+
+    assert main(["info", "--presets"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+    assert [l.split()[0] for l in lines] == list(PRESETS)
+    small = next(l for l in lines if l.startswith("small-64 "))
+    assert "image 64px" in small and "tokens 16x16" in small and "1024 codes" in small
+    assert "params dvae" in small and "transformer" in small and "clip" in small and "cpu_s_per_step" in small
+
+
+def test_train_help_names_the_presets(capsys):
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("small-64", "base-128", "base-256"):
+        assert name in text
+
+
+def test_train_set_refuses_to_move_the_held_out_split_under_a_trained_stage(tmp_path, capsys):
+    out = tmp_path / "m"
+    common = ["--data", "shapes", "--out", str(out), "--preset", "tiny", "--device", "cpu"]
+    assert main(["train", "dvae", *common, "--steps", "1"]) == 0
+    capsys.readouterr()
+    for argv in (["dvae", "--resume"], ["tokenizer"]):
+        assert main(["train", *argv, *common, "--set", "train.val_fraction=0.1"]) != 0
+        err = capsys.readouterr().err
+        assert "moves the held-out split" in err and "dvae" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "dvae", *common, "--steps", "1", "--set", "train.val_fraction=0.1"]) == 0  # afresh
