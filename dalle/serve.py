@@ -131,6 +131,7 @@ class SamplingParams:
     temperature: float
     top_k: int | None
     top_p: float | None
+    warning: str | None = None  # about the prompt (words the model cannot read); shown with the results
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return dict(candidates=self.candidates, keep=self.keep, seed=self.seed, temperature=self.temperature,
@@ -138,7 +139,8 @@ class SamplingParams:
 
 
 def validate_sampling(fields: dict[str, Any], limits: Limits, count_tokens: Callable[[str], tuple[int, int]] | None,
-                      image_vocab: int | None) -> SamplingParams:
+                      image_vocab: int | None,
+                      check_words: Callable[[str], tuple[str | None, str | None]] | None = None) -> SamplingParams:
     """Check the form fields shared by both tabs; raise :class:`RequestError` (400) naming the first bad one.
 
     ``count_tokens(prompt) -> (tokens, text_len)`` lets a prompt the model would cut short be refused
@@ -158,6 +160,11 @@ def validate_sampling(fields: dict[str, Any], limits: Limits, count_tokens: Call
         if n_tokens > text_len:
             raise RequestError(400, f"the prompt is too long: it makes {n_tokens} text tokens but the model reads "
                                     f"at most {text_len}; shorten it by about {n_tokens - text_len} words")
+    warning = None
+    if check_words is not None:  # most words unreadable (another script): refused; a few: a warning
+        error, warning = check_words(prompt)
+        if error:
+            raise RequestError(400, error)
     candidates = _parse_int(fields, "candidates", "candidates", 1, limits.max_candidates, default=32)
     keep = _parse_int(fields, "keep", "keep", 1, None, default=min(4, candidates))
     if keep > candidates:
@@ -173,7 +180,7 @@ def validate_sampling(fields: dict[str, Any], limits: Limits, count_tokens: Call
     seed = _parse_int(fields, "seed", "seed", 0, 2**63 - 1)
     if seed is None:  # no seed given: pick one and report it, so the result can be reproduced
         seed = secrets.randbelow(2**31)
-    return SamplingParams(prompt, candidates, keep, seed, temperature, top_k, top_p)
+    return SamplingParams(prompt, candidates, keep, seed, temperature, top_k, top_p, warning)
 
 
 def validate_completion(fields: dict[str, Any], grid: int) -> dict[str, Any]:
@@ -331,6 +338,7 @@ class Worker:
                                                                for k, v in job.completion.items()}},
                 "seed": job.params.seed,
                 "error": job.error,
+                "warning": job.params.warning,
                 "elapsed": round((job.finished or now) - (job.started or now), 3),
                 "results": [{"rank": k, "score": s, "url": f"/api/jobs/{job.id}/images/{k}.png"}
                             for k, s in enumerate(job.scores)] if job.state == "done" else [],
@@ -453,6 +461,14 @@ class DalleServer(ThreadingHTTPServer):
     def image_vocab(self) -> int | None:
         transformer = getattr(self.pipeline, "transformer", None)
         return getattr(getattr(transformer, "config", None), "image_vocab", None)
+
+    def check_words(self) -> Callable[[str], tuple[str | None, str | None]] | None:
+        tokenizer = getattr(self.pipeline, "tokenizer", None)
+        if tokenizer is None or not hasattr(tokenizer, "unknown_words"):
+            return None
+        from dalle.pipeline import prompt_word_problem
+
+        return lambda prompt: prompt_word_problem(tokenizer, prompt)
 
     def count_tokens(self) -> Callable[[str], tuple[int, int]] | None:
         tokenizer = getattr(self.pipeline, "tokenizer", None)
@@ -626,7 +642,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(415, f"send JSON or multipart/form-data, not {content_type}")
 
         server = self.server
-        params = validate_sampling(fields, server.limits, server.count_tokens(), server.image_vocab())
+        params = validate_sampling(fields, server.limits, server.count_tokens(), server.image_vocab(),
+                                   server.check_words())
         if path == "/api/generate":
             job = Job("generate", params)
         else:
@@ -653,6 +670,21 @@ def make_server(pipeline_factory: Callable[[], Any], host: str = DEFAULT_HOST, p
     return DalleServer((host, port), pipeline, limits or Limits(), quiet=quiet)
 
 
+def _listen_advice(error: OSError, port: int) -> str:
+    """What to change when binding fails: the port (in use, privileged) or the host (not an address here)."""
+    import errno
+    import socket
+
+    if error.errno == errno.EADDRINUSE:
+        return "choose another --port"
+    if error.errno in (errno.EACCES, errno.EPERM) and port < 1024:
+        return "ports below 1024 need administrator rights; choose a --port of 1024 or more"
+    if error.errno == errno.EADDRNOTAVAIL or isinstance(error, socket.gaierror):
+        return ("--host must be an address of this machine (127.0.0.1 for this machine only, 0.0.0.0 for all "
+                "its networks)")
+    return "check --host and --port"
+
+
 def serve(model: Path | str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           device: str | None = None) -> None:
     """``dalle serve``: load the model (default: the bundled one) and serve the page until Ctrl-C."""
@@ -661,8 +693,8 @@ def serve(model: Path | str | None = None, host: str = DEFAULT_HOST, port: int =
     print(f"loading the model from {model or 'the package (bundled model)'} ...", flush=True)
     try:
         server = make_server(lambda: DallePipeline.from_pretrained(model, device=device), host, port)
-    except OSError as e:  # address in use, permission denied: a user error, not a crash
-        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port") from None
+    except OSError as e:  # address in use, permission denied, not this machine's: a user error, not a crash
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); {_listen_advice(e, port)}") from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the page", flush=True)
     print(f"serving on {server.url}  (Ctrl-C to stop)", flush=True)

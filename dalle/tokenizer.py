@@ -401,6 +401,35 @@ class TextTokenizer:
         _check_text(text)
         return self._tokenizer.encode(text, add_special_tokens=False).tokens
 
+    def unknown_words(self, text: str) -> tuple[list[str], int]:
+        """``(words the vocabulary cannot spell, number of words)`` of ``text``.
+
+        A word is unknown when any of its characters becomes ``<unk>`` (a script or symbol
+        the training captions never used, e.g. Chinese or Arabic for the shapes model);
+        the model sees nothing of it.
+        """
+        _check_text(text)
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        spans: dict[int, list[int]] = {}
+        unknown: set[int] = set()
+        for token, word, (start, end) in zip(encoding.tokens, encoding.word_ids, encoding.offsets):
+            if word is None:
+                continue
+            span = spans.setdefault(word, [start, end])
+            span[0], span[1] = min(span[0], start), max(span[1], end)
+            if token == UNK:
+                unknown.add(word)
+        return [text[spans[w][0]:spans[w][1]] for w in sorted(unknown)], len(spans)
+
+    def known_words(self, limit: int = 10) -> list[str]:
+        """Whole words of the vocabulary, in the order BPE learned them (most frequent first), for messages."""
+        vocab = self._tokenizer.get_vocab()
+        words = [t[: -len(EOW)] for t in sorted(vocab, key=vocab.get) if t.endswith(EOW)]
+        words = [w for w in words if w.isalpha() and len(w) >= 3]
+        # Drop word ends that are only pieces of longer words ("rcle" of "circle").
+        whole = [w for w in words if not any(o != w and o.endswith(w) for o in words)]
+        return whole[:limit]
+
     def encode(self, text: str, *, training: bool = False, seed: int | None = None) -> list[int]:
         """``text`` -> exactly ``text_len`` ids (BPE tokens, then the per-position padding ids).
 

@@ -209,3 +209,114 @@ def test_resume_retrains_a_stage_whose_export_is_truncated(run_copy, data_folder
     out = capsys.readouterr().out
     assert "[dvae] already trained" in out and "[transformer] the export" in out and "is broken" in out
     assert path.read_bytes() == whole  # re-exported from the run's last checkpoint: the same weights
+
+
+# --- 9, 12, 13. options and paths: one clear line, before any sampling -----------------------
+
+
+def generate(model: Path, out: Path, *extra) -> list:
+    return ["generate", "a red circle", "--model", model, "--candidates", "1", "--keep", "1", "--out", out,
+            "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--temperature", "nan", "finite"),
+    ("--temperature", "inf", "finite"),
+    ("--top-p", "nan", "finite"),
+    ("--seed", "1180591620717411303424", "--seed must be between 0 and"),
+    ("--seed", "-1", "--seed must be between 0 and"),
+    ("--seed", "lucky", "whole number"),
+    ("--device", "nonsense", "is not a device"),
+])
+def test_bad_numbers_and_devices_are_refused(trained, tmp_path, capsys, option, value, words):
+    fails_with_one_line(generate(trained, tmp_path / "g", f"{option}={value}"), capsys, words)
+
+
+def test_minutes_nan_is_refused(data_folder, tmp_path, capsys):
+    fails_with_one_line(train("dvae", data_folder, tmp_path / "m", "--minutes", "nan"), capsys, "finite")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the machine has a GPU")
+@pytest.mark.parametrize("command", ["generate", "train"])
+def test_cuda_without_a_gpu(trained, data_folder, tmp_path, capsys, command):
+    argv = (generate(trained, tmp_path / "g") if command == "generate"
+            else train("dvae", data_folder, tmp_path / "m", "--steps", "1"))
+    fails_with_one_line([*argv, "--device", "cuda"], capsys, "no CUDA GPU", "--device cpu")
+
+
+def test_out_naming_an_existing_file(trained, tmp_path, capsys):
+    path = tmp_path / "out.png"
+    path.write_bytes(b"x")
+    fails_with_one_line(generate(trained, path), capsys, "out.png", "is a file")
+
+
+def test_out_that_cannot_be_written_is_refused_before_sampling(trained, tmp_path, capsys, monkeypatch):
+    import dalle.pipeline
+
+    sampled = []
+    monkeypatch.setattr(dalle.pipeline.DallePipeline, "_sample", lambda *a, **k: sampled.append(1))
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    # As root, permissions do not stop a write: /proc refuses new folders to everyone.
+    out = Path("/proc/dalle-out") if __import__("os").access(readonly, __import__("os").W_OK) else readonly / "g"
+    fails_with_one_line(generate(trained, out), capsys, "cannot write to --out")
+    assert not sampled
+
+
+def test_prompts_file_with_invalid_utf8_is_named(trained, tmp_path, capsys):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"a red circle\n\xff\xfe a blue square\n")
+    fails_with_one_line(["generate", "--prompts", path, "--model", trained, "--out", tmp_path / "g", "--device", "cpu"],
+                        capsys, "prompts.txt", "UTF-8")
+
+
+def test_complete_given_a_folder(trained, tmp_path, capsys):
+    fails_with_one_line(["complete", tmp_path, "a red circle", "--keep-rows", "2", "--model", trained,
+                         "--out", tmp_path / "g", "--device", "cpu"], capsys, "is a folder", "image file")
+
+
+@pytest.mark.parametrize("host, words", [("10.255.255.1", "--host must be an address of this machine"),
+                                          ("no-such-host.invalid", "--host")])
+def test_serve_on_a_host_that_is_not_this_machine(trained, capsys, host, words):
+    line = fails_with_one_line(["serve", "--model", trained, "--host", host, "--port", "7861", "--device", "cpu"],
+                               capsys, words)
+    assert "--port" not in line
+
+
+# --- 10. prompts the tokenizer cannot read ----------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", ["一个红色的圆圈", "دائرة حمراء"])
+def test_a_prompt_in_an_unknown_script_is_refused(trained, tmp_path, capsys, prompt):
+    argv = generate(trained, tmp_path / "g")
+    argv[1] = prompt
+    fails_with_one_line(argv, capsys, "cannot read", "e.g.")
+
+
+def test_a_prompt_with_one_unknown_word_warns(trained, tmp_path, capsys):
+    argv = generate(trained, tmp_path / "g")
+    argv[1] = "a red 圆圈 circle"
+    assert main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the model cannot read '圆圈'" in err and "Traceback" not in err
+
+
+# --- 11. a second generate into the same --out -------------------------------------------------
+
+
+def test_a_second_generate_appends_to_the_manifest(trained, tmp_path):
+    out = tmp_path / "g"
+    for seed in ("0", "0", "5"):  # the same seed twice: same names, which must not overwrite
+        assert main([str(a) for a in generate(trained, out, "--seed", seed)]) == 0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and len({r["file"] for r in rows}) == 3
+    images = {p.name for p in out.glob("*.png") if not p.name.endswith(tuple(f"grid{s}.png" for s in ("", "_2", "_3")))}
+    assert images == {r["file"] for r in rows}  # every image listed, every listed image there
+
+
+def test_a_foreign_manifest_is_not_appended_to(trained, tmp_path, capsys):
+    out = tmp_path / "g"
+    out.mkdir()
+    (out / "manifest.jsonl").write_text("this is my own file\n")
+    fails_with_one_line(generate(trained, out), capsys, "manifest.jsonl", "another --out")

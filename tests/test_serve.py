@@ -402,3 +402,17 @@ def test_clients_that_leave_early_print_no_traceback(server, capfd):
     assert get_json(server, "/api/info")[0] == 200
     err = capfd.readouterr().err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_prompt_in_an_unknown_script_is_refused_and_one_unknown_word_is_reported(server):
+    status, answer = post_json(server, "/api/generate", {**GOOD, "prompt": "一个红色的圆圈"})
+    assert status == 400 and "cannot read" in answer["error"] and "e.g." in answer["error"]
+    status, job = post_json(server, "/api/generate", {**GOOD, "prompt": "a red 圆圈 circle", "candidates": 1, "keep": 1})
+    assert status == 202 and "'圆圈'" in job["warning"]
+    assert wait_done(server, job["id"])["state"] == "done"
+
+
+def test_non_finite_numbers_are_refused(server):
+    for field in ("temperature", "top_p"):
+        status, answer = post_json(server, "/api/generate", {**GOOD, field: "nan"})
+        assert status == 400 and "finite" in answer["error"], answer
