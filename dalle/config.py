@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 import types
@@ -232,6 +233,8 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") 
             if isinstance(default, (int, float)) and not isinstance(default, bool):
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     raise ConfigError(f"{where}.{name}: expected a number, got {value!r}")
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{where}.{name}: expected a finite number, got {value!r}")
                 value = type(default)(value) if isinstance(default, float) else value
             kwargs[name] = value
     return cls(**kwargs)
@@ -365,9 +368,12 @@ def parse_field_value(tp: Any, text: str, where: str) -> Any:
             return int(value)
     if tp is float:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise bad from None
+        if not math.isfinite(value):
+            raise ConfigError(f"--set {where}: give a finite number, got {text!r}")
+        return value
     if tp is str:
         return text
     raise ConfigError(f"--set {where}: fields of type {_type_name(tp)} cannot be set from the command line")

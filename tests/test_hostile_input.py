@@ -320,3 +320,11 @@ def test_a_foreign_manifest_is_not_appended_to(trained, tmp_path, capsys):
     out.mkdir()
     (out / "manifest.jsonl").write_text("this is my own file\n")
     fails_with_one_line(generate(trained, out), capsys, "manifest.jsonl", "another --out")
+
+
+def test_non_finite_config_values_are_refused(data_folder, tmp_path, capsys):
+    fails_with_one_line(train("dvae", data_folder, tmp_path / "m", "--set", "train.dvae_lr=nan"), capsys, "finite")
+    out = tmp_path / "m2"
+    out.mkdir()
+    (out / "dalle.json").write_text('{"train": {"dvae_lr": NaN}}')
+    fails_with_one_line(train("dvae", data_folder, out), capsys, "dvae_lr", "finite")
