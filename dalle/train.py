@@ -245,7 +245,7 @@ def _budget(minutes: float | None, share: float, component: str, total_minutes: 
 
 def build_or_open_token_cache(dataset, out: Path, device: str):
     """Encode the data set once with the trained dVAE (rebuilt when the dVAE changes)."""
-    from dalle.data.token_cache import TokenCache, build_token_cache
+    from dalle.data.token_cache import TokenCache, TokenCacheError, build_token_cache
     from dalle.dvae import DiscreteVAE
     from dalle.io import WEIGHTS_NAME, file_sha256
 
@@ -257,10 +257,12 @@ def build_or_open_token_cache(dataset, out: Path, device: str):
     if cache_dir.is_dir():
         try:
             cache = TokenCache(cache_dir)
+            cache.verify()
             if cache.fingerprint == fingerprint:
                 return cache
-        except Exception:  # noqa: BLE001 - a broken cache is rebuilt
-            pass
+        except TokenCacheError as e:  # truncated, damaged or half-deleted: rebuilt, as said
+            print(f"[transformer] the token cache is broken ({e}); rebuilding it", flush=True)
+            shutil.rmtree(cache_dir)
     dvae = DiscreteVAE.from_pretrained(dvae_dir, device=device)
     size = dvae.config.image_size
 
@@ -268,7 +270,8 @@ def build_or_open_token_cache(dataset, out: Path, device: str):
     def encode(images: torch.Tensor) -> torch.Tensor:
         return dvae.encode(images.to(device)).cpu()
 
-    return build_token_cache(dataset, encode, cache_dir, image_size=size, fingerprint=fingerprint)
+    return build_token_cache(dataset, encode, cache_dir, image_size=size, fingerprint=fingerprint,
+                             overwrite=True)  # here only when the cache was made with another dVAE
 
 
 def train_component(component: str, *, data: str, out: Path, preset: str = "shapes", steps: int | None = None,

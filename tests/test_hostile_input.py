@@ -328,3 +328,22 @@ def test_non_finite_config_values_are_refused(data_folder, tmp_path, capsys):
     out.mkdir()
     (out / "dalle.json").write_text('{"train": {"dvae_lr": NaN}}')
     fails_with_one_line(train("dvae", data_folder, out), capsys, "dvae_lr", "finite")
+
+
+# --- 6. a damaged token cache ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_token_cache_is_rebuilt(run_copy, data_folder, capsys, damage):
+    from dalle.data.token_cache import TokenCache
+
+    path = run_copy / "cache" / "tokens" / "tokens.npy"
+    whole = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(whole[: len(whole) // 2])
+    else:
+        _flip_middle(path, 16)
+    assert main([str(a) for a in train("transformer", data_folder, run_copy, "--resume")]) == 0
+    assert "the token cache is broken" in capsys.readouterr().out
+    assert path.read_bytes() == whole  # the same tokens, encoded again
+    TokenCache(path.parent).verify()
