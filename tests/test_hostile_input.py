@@ -347,3 +347,56 @@ def test_a_damaged_token_cache_is_rebuilt(run_copy, data_folder, capsys, damage)
     assert "the token cache is broken" in capsys.readouterr().out
     assert path.read_bytes() == whole  # the same tokens, encoded again
     TokenCache(path.parent).verify()
+
+
+# --- 7. a truncated or damaged WebDataset shard ------------------------------------------------
+
+
+def _write_shards(folder: Path, n_shards: int, per_shard: int) -> list[Path]:
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        path = folder / f"shard-{s:02d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for k in range(per_shard):
+                buffer = io.BytesIO()
+                Image.new("RGB", (32, 32), (40 * s % 256, 6 * k % 256, 90)).save(buffer, format="PNG")
+                for name, data in ((f"{s:02d}{k:03d}.png", buffer.getvalue()), (f"{s:02d}{k:03d}.txt", b"a red circle")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header"])
+def test_samples_lost_in_a_broken_shard_are_counted_and_named(tmp_path, damage):
+    from dalle.data.webdataset import IndexedShards, WebDatasetShards
+
+    shards = _write_shards(tmp_path / "wds", 4, 40)
+    broken = shards[1]
+    data = bytearray(broken.read_bytes())
+    cut = int(len(data) * 0.62) // 512 * 512 + 100
+    if damage == "truncate":
+        broken.write_bytes(bytes(data[:cut]))
+    else:  # garbage over a stretch in the middle: tarfile used to stop there without a word
+        data[cut:cut + 2048] = b"\x07" * 2048
+        broken.write_bytes(bytes(data))
+    indexed = IndexedShards([str(p) for p in shards], max_bad_fraction=None)
+    lost = 160 - len(indexed)
+    assert lost >= 10  # about the last third of the shard
+    assert indexed.skipped.skipped == lost  # every lost sample counts toward the bad-data limit
+    reason = indexed.skipped.reasons[str(broken)]
+    assert f"{lost} lost" in reason and broken.name in reason
+
+    streamed = WebDatasetShards([str(p) for p in shards], max_bad_fraction=None, shuffle_shards=False)
+    assert len(list(streamed)) == len(indexed)
+    reason = streamed.skipped.reasons[str(broken)]
+    assert " lost" in reason and broken.name in reason
+    if damage == "header":  # the headers past the damage are found (not those the garbage overwrote)
+        assert lost - 1 <= streamed.skipped.skipped <= lost

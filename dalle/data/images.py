@@ -93,6 +93,7 @@ class Skipped:
 
     key: str
     reason: str
+    count: int = 1  # items it stands for (the samples lost in a broken shard)
 
     def __bool__(self) -> bool:  # so ``if item:`` filters markers out
         return False
@@ -133,9 +134,10 @@ class SkipCounter:
     def ok(self, n: int = 1) -> None:
         self.seen += n
 
-    def skip(self, key: str, reason: str, check: bool = True) -> None:
-        self.seen += 1
-        self.skipped += 1
+    def skip(self, key: str, reason: str, check: bool = True, count: int = 1) -> None:
+        """Count ``count`` bad items under one ``key`` (more than one: samples lost in a broken shard)."""
+        self.seen += count
+        self.skipped += count
         self.reasons[key] = reason
         if self.skipped <= _WARN_FIRST:
             log.warning("skipping %s: %s", key, reason)

@@ -400,7 +400,7 @@ def build_token_cache(
                 to_skip -= 1
                 continue
             for s in skipped:
-                counter.skip(s.key, s.reason, check=False)
+                counter.skip(s.key, s.reason, check=False, count=s.count)
             if images is not None:
                 with torch.no_grad():
                     tokens = encode_fn(images)
