@@ -182,6 +182,17 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    """How the training data is read (every stage reads it the same way)."""
+
+    # Largest share of the data set's items that may be unusable (unreadable images, items
+    # without a caption, samples lost in a broken shard) before training stops and lists
+    # them.  Checked over the whole set before the first stage, so no stage trains on data
+    # a later one refuses.  ``dalle train --set data.max_bad_fraction=0.2`` raises it.
+    max_bad_fraction: float = 0.05
+
+
+@dataclass
 class DalleConfig:
     """All components of one model folder."""
 
@@ -190,6 +201,7 @@ class DalleConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def check(self) -> None:
         """Raise :class:`ConfigError` if the components disagree with each other."""
@@ -207,6 +219,8 @@ class DalleConfig:
             problems.append("clip text vocabulary/length differ from the tokenizer's")
         if cl.image_size != dv.image_size:
             problems.append(f"clip.image_size={cl.image_size} but dvae.image_size={dv.image_size}")
+        if not 0.0 <= self.data.max_bad_fraction <= 1.0:
+            problems.append(f"data.max_bad_fraction={self.data.max_bad_fraction} must be between 0 and 1")
         if dv.image_size % dv.downsample:
             problems.append(f"dvae.image_size={dv.image_size} is not divisible by {dv.downsample}")
         if problems:

@@ -202,20 +202,53 @@ def refuse_architecture_changes(old: DalleConfig, new: DalleConfig, out: Path, r
                 f"with {before!r} and {how}; train into a new --out, or retrain the {section} without --resume")
 
 
-def open_training_data(data: str, split: str = "train", seed: int = 0, shapes_size: int = 50_000):
-    """A data folder (any reader of dalle.data), or ``shapes`` for the generator streamed with no files."""
+def open_training_data(data: str, split: str = "train", seed: int = 0, shapes_size: int = 50_000,
+                       max_bad_fraction: float | None = None):
+    """A data folder (any reader of dalle.data), or ``shapes`` for the generator streamed with no files.
+
+    ``max_bad_fraction`` (the config's ``data.max_bad_fraction``) is the reader's bad-item limit.
+    """
     if data in ("shapes", f"shapes:{split}"):
         from dalle.data.shapes import ShapesDataset
 
         return ShapesDataset(split=split, size=shapes_size, seed=seed)
     from dalle.data import open_dataset
 
+    limits = {} if max_bad_fraction is None else {"max_bad_fraction": max_bad_fraction}
     if "://" in data or any(c in data for c in "{*?["):  # shard URLs and patterns: the reader expands them
-        return open_dataset(data)
+        return open_dataset(data, **limits)
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"--data {data} does not exist (make one with: dalle data shapes --out {data} --count 10000)")
-    return open_dataset(path)
+    return open_dataset(path, **limits)
+
+
+def check_bad_data(dataset, log=print) -> None:
+    """Read every item of a map-style data set once and apply its bad-item limit, before any stage trains.
+
+    Every stage then works under one verdict: without this, the dVAE (which draws a sample
+    of the items) could train on a set that the token cache (which reads them all) refuses
+    afterwards.  Streams are checked as they are read, and the shapes generator has no bad items.
+    """
+    from dalle.data.images import BadImageError, SkipCounter
+
+    counter = getattr(dataset, "skipped", None)
+    if not isinstance(counter, SkipCounter) or not hasattr(dataset, "load") or _streamed(dataset):
+        return
+    log(f"checking the {len(dataset)} items of the data set (limit: data.max_bad_fraction="
+        f"{counter.max_bad_fraction})")
+    for i in range(len(dataset)):
+        try:
+            dataset.load(i)
+        except BadImageError as e:
+            counter.skip(e.key or dataset.key(i), e.reason, check=False)
+        else:
+            counter.ok()
+    counter.check(final=True)
+    if counter.skipped:
+        log(f"data: {counter.summary()}")
+    counter.seen = counter.skipped = 0  # the verdict is given; the stages count their own reads afresh
+    counter.reasons.clear()
 
 
 def iter_captions(dataset, limit: int):
@@ -303,7 +336,10 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
     if strategy != "fsdp":  # (sharded, each rank holds a part: the estimate would be too strict)
         check_stages_fit(config, stages, device, out / CONFIG_FILE)
     dataset = open_training_data(data, "train", seed=config.train.seed if seed is None else seed,
-                                 shapes_size=config.train.shapes_size)
+                                 shapes_size=config.train.shapes_size,
+                                 max_bad_fraction=config.data.max_bad_fraction)
+    if any(stage in ("tokenizer", "dvae", "clip") for stage in stages):  # (the token cache checks its own pass)
+        check_bad_data(dataset, log)
     common: dict[str, Any] = dict(resume=resume, device=device, seed=seed)
     every = checkpoint_interval()
     if every is not None:

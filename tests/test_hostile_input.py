@@ -400,3 +400,34 @@ def test_samples_lost_in_a_broken_shard_are_counted_and_named(tmp_path, damage):
     assert " lost" in reason and broken.name in reason
     if damage == "header":  # the headers past the damage are found (not those the garbage overwrote)
         assert lost - 1 <= streamed.skipped.skipped <= lost
+
+
+# --- 8. one bad-data limit, one setting, checked before the first stage ------------------------
+
+
+@pytest.fixture(scope="module")
+def partly_bad_folder(tmp_path_factory, data_folder) -> Path:
+    """The 64-image folder with 10 images replaced by text (15.6% bad)."""
+    out = tmp_path_factory.mktemp("bad") / "D"
+    shutil.copytree(data_folder, out)
+    for i in range(1, 40, 4):
+        (out / f"{i:06d}.png").write_text("not an image")
+    return out
+
+
+@pytest.mark.parametrize("component", ["all", "dvae"])
+def test_too_much_bad_data_is_refused_before_the_first_stage(partly_bad_folder, tmp_path, capsys, component):
+    out = tmp_path / "M"
+    fails_with_one_line(train(component, partly_bad_folder, out, "--steps", "1"), capsys,
+                        "10 of 64", "000001.png", "--set data.max_bad_fraction=")
+    assert not (out / "tokenizer").exists() and not (out / "dvae").exists()
+
+
+def test_the_bad_data_limit_is_one_setting(partly_bad_folder, tmp_path, capsys):
+    out = tmp_path / "M"
+    assert main([str(a) for a in train("all", partly_bad_folder, out, "--steps", "1",
+                                       "--set", "data.max_bad_fraction=0.2")]) == 0
+    assert json.loads((out / "dalle.json").read_text())["data"]["max_bad_fraction"] == 0.2
+    capsys.readouterr()
+    fails_with_one_line(train("dvae", partly_bad_folder, tmp_path / "M2", "--set", "data.max_bad_fraction=2"), capsys,
+                        "data.max_bad_fraction")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -166,8 +167,9 @@ class SkipCounter:
         limit = f"max_bad={self.max_bad}" if over_count else f"max_bad_fraction={self.max_bad_fraction:g}"
         raise TooManyBadImagesError(
             f"{self.skipped} of {self.seen} images ({100 * self.fraction:.1f}%) could not be used, "
-            f"more than {limit} allows: {self._listing()}. Fix or remove these files, or raise the "
-            "limit if this share of bad files is expected."
+            f"more than {limit} allows: {self._listing()}. Fix or remove these files, or, if this share of bad "
+            f"files is expected, raise the limit (dalle train --set data.max_bad_fraction="
+            f"{min(1.0, math.ceil(100 * self.fraction + 1) / 100):g})."
         )
 
     def _listing(self, limit: int = 20) -> str:
