@@ -104,6 +104,9 @@ def _add_sampling_options(p: argparse.ArgumentParser, with_sampling: bool = True
         p.add_argument("--temperature", type=_bounded(float, 1e-3, 10.0, "--temperature"), default=1.0)
         p.add_argument("--top-k", type=_bounded(int, 1, None, "--top-k"), default=None)
         p.add_argument("--top-p", type=_bounded(float, 1e-6, 1.0, "--top-p"), default=None)
+        p.add_argument("--guidance", type=_bounded(float, 0.0, 100.0, "--guidance"), default=1.0,
+                       help="classifier-free guidance scale S: 1 = none (default), above 1 follows the prompt more "
+                            "closely, 0 ignores it; needs a model trained with null captions; samples 2 rows a candidate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
                    help="under torchrun: replicate (ddp) or fully shard (fsdp) the transformer (default ddp)")
     t.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (GPU)")
+    t.add_argument("--dvae", type=Path, default=None,
+                   help="a dVAE folder to use as it is, not trained (e.g. from dalle convert openai-dvae)")
+    t.add_argument("--clip", type=Path, default=None,
+                   help="a CLIP folder to rerank with, not trained (e.g. from dalle convert openai-clip)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a model folder and write JSON")
@@ -171,7 +178,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out images for the dVAE, transformer and CLIP figures (default 512)")
     e.add_argument("--device", type=_device, default=None)
     e.add_argument("--seed", type=_seed, default=0)
+    e.add_argument("--guidance", type=_bounded(float, 0.0, 100.0, "--guidance"), default=1.0,
+                   help="classifier-free guidance scale of the generated candidates (1 = none)")
     e.set_defaults(func=cmd_eval)
+
+    v = sub.add_parser("convert", help="convert other projects' released weights into a model folder")
+    vsub = v.add_subparsers(dest="convert_command", metavar="FORMAT", required=True, parser_class=_Parser)
+    od = vsub.add_parser("openai-dvae", help="OpenAI's released dVAE (encoder.pkl, decoder.pkl) -> a dVAE folder")
+    od.add_argument("encoder", type=Path, help="encoder.pkl")
+    od.add_argument("decoder", type=Path, help="decoder.pkl")
+    od.add_argument("--out", type=Path, required=True, help="dVAE folder to write")
+    od.add_argument("--image-size", type=_bounded(int, 8, None, "--image-size"), default=256,
+                    help="image size the folder is used at (default 256, the released model's)")
+    od.set_defaults(func=cmd_convert)
+    oc = vsub.add_parser("openai-clip", help="OpenAI's released CLIP (a TorchScript .pt) -> a CLIP folder (the reranker)")
+    oc.add_argument("model", type=Path, help="e.g. ViT-B-32.pt")
+    oc.add_argument("--out", type=Path, required=True, help="CLIP folder to write")
+    oc.add_argument("--vocab", type=Path, default=None,
+                    help="CLIP's bpe_simple_vocab_16e6.txt.gz (default: from an installed open_clip_torch or clip-anytorch)")
+    oc.set_defaults(func=cmd_convert)
+    vq = vsub.add_parser("vqgan", help="a taming-transformers VQGAN (last.ckpt, model.yaml) -> an image tokenizer folder")
+    vq.add_argument("checkpoint", type=Path, help="the Lightning checkpoint, e.g. last.ckpt")
+    vq.add_argument("config", type=Path, help="its YAML config, e.g. model.yaml")
+    vq.add_argument("--out", type=Path, required=True, help="image tokenizer folder to write (use it as --dvae)")
+    vq.add_argument("--image-size", type=_bounded(int, 8, None, "--image-size"), default=None,
+                    help="image size the folder is used at (default: the config's resolution)")
+    vq.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="describe a model folder or a preset")
     which = i.add_mutually_exclusive_group(required=True)
@@ -230,7 +262,7 @@ def _load_pipeline(args: argparse.Namespace):
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(candidates=args.candidates, keep=args.keep, seed=args.seed, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size)
+                top_k=args.top_k, top_p=args.top_p, batch_size=args.batch_size, guidance=args.guidance)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -272,11 +304,16 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dalle.train import train_component
 
+    for flag in ("dvae", "clip"):
+        folder = getattr(args, flag)
+        if folder is not None and not folder.is_dir():
+            raise UsageError(f"--{flag} {folder} is not a folder (make one with dalle convert)")
+
     preset = args.preset or ("shapes" if args.data == "shapes" or args.data.startswith("shapes:") else "small-64")
     out = train_component(args.component, data=args.data, out=args.out, preset=preset, steps=args.steps,
                           minutes=args.minutes, resume=args.resume, device=args.device, seed=args.seed,
-                          strategy=args.strategy, compile=args.compile, overrides=args.overrides,
-                          overwrite=args.overwrite)
+                          strategy=args.strategy, compile=args.compile, dvae=args.dvae, clip=args.clip,
+                          overrides=args.overrides, overwrite=args.overwrite)
     print(f"trained {args.component}: {out}")
     return 0
 
@@ -286,12 +323,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     report = evaluate_model(args.model, prompts_per_category=args.prompts_per_category, candidates=args.candidates,
                             device=args.device, seed=args.seed, progress=True,
-                            held_out_size=args.held_out)
+                            held_out_size=args.held_out, guidance=args.guidance)
     print(format_report(report))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    for path in (p for p in vars(args).values() if isinstance(p, Path) and p is not args.out):  # the inputs
+        if not path.is_file():
+            raise UsageError(f"{path} does not exist")
+    if args.convert_command == "openai-dvae":
+        from dalle.convert.openai_dvae import convert_openai_dvae
+
+        folder = convert_openai_dvae(args.encoder, args.decoder, args.out, image_size=args.image_size)
+    elif args.convert_command == "openai-clip":
+        from dalle.convert.openai_clip import convert_openai_clip
+
+        folder = convert_openai_clip(args.model, args.out, vocab=args.vocab)
+    elif args.convert_command == "vqgan":
+        from dalle.convert.vqgan import convert_vqgan
+
+        folder = convert_vqgan(args.checkpoint, args.config, args.out, image_size=args.image_size)
+    else:  # argparse only offers the formats above
+        raise UsageError(f"unknown format {args.convert_command}")
+    print(f"converted {args.convert_command} -> {folder}")
     return 0
 
 

@@ -320,3 +320,27 @@ def _describe(x: object) -> str:
     if isinstance(x, torch.Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
     return f"a {type(x).__name__}"
+
+
+def load_reranker(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The CLIP of a model folder's ``clip/``: ours, or OpenAI's converted one (``dalle convert openai-clip``).
+
+    A converted OpenAI CLIP's config says ``"architecture": "openai-clip"``; it brings its
+    own tokenizer (``.tokenizer``), which :func:`reranker_text` uses.
+    """
+    import json
+
+    from dalle.io import CONFIG_NAME, ModelLoadError
+
+    path = Path(folder) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"missing config file {path}") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
+    if isinstance(data, dict) and data.get("architecture") == "openai-clip":
+        from dalle.openai_clip import OpenAICLIP
+
+        return OpenAICLIP.from_pretrained(folder, device=device)
+    return CLIP.from_pretrained(folder, device=device)

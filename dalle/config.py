@@ -83,6 +83,12 @@ class DVAEConfig:
     # Gumbel only: feed the decoder the one-hot argmax of the relaxed sample while the
     # gradient follows the relaxation (straight-through); False is the paper's.
     straight_through: bool = False
+    # Channels of the decoder's 1x1 input convolution over the (soft) one-hot code; its
+    # first residual block then widens them to the first decoder group (with a 1x1
+    # convolution on the identity path).  OpenAI's released dVAE maps the 8192 one-hot
+    # channels to 128 here.  0: straight to the first decoder group's width, the layout of
+    # model folders written before this field existed (see LEGACY_DEFAULTS).
+    decoder_init_width: int = 128
 
     def __post_init__(self) -> None:
         self.width_multipliers = tuple(self.width_multipliers)  # JSON gives a list
@@ -106,6 +112,15 @@ class TransformerConfig:
     kernel of the sparse layers: ``"dense"`` (masked scaled-dot-product attention, the
     reference), ``"flex"`` (FlexAttention block masks, which skip the masked-out tiles) or
     ``"auto"`` (flex on CUDA, dense elsewhere); it changes speed, not results.
+
+    ``null_caption_fraction`` (beyond the paper): the share of training captions replaced by
+    the null caption (every text position its padding token), which teaches the model
+    p(image) beside p(image | text), so that it can be sampled with classifier-free guidance
+    (:mod:`dalle.sampling`).  Every preset trains with 0.1 (as Ho & Salimans' 10-20%): the
+    other 90% of captions still teach p(image | text), and a model that cannot be guided
+    cannot be tuned at sampling time.  The dataclass default, 0, is what a config saved
+    before the field existed means: such a model was never shown the null caption, and
+    sampling refuses to guide it.
     """
 
     n_layers: int = 64
@@ -122,6 +137,7 @@ class TransformerConfig:
     text_loss_weight: float = PAPER_TEXT_LOSS_WEIGHT
     image_loss_weight: float = PAPER_IMAGE_LOSS_WEIGHT
     attention_impl: Literal["auto", "dense", "flex"] = "auto"
+    null_caption_fraction: float = 0.0
 
     @property
     def d_model(self) -> int:
@@ -179,6 +195,12 @@ class TrainConfig:
     val_fraction: float = 0.02
     val_min: int = 16
     val_max: int = 256
+    # Parts used as they are rather than trained here: "" trains the part; otherwise what
+    # the folder's part was converted from ("openai-dvae", "openai-clip", ...; "folder" for a
+    # part trained elsewhere), set by ``dalle train --dvae DIR`` / ``--clip DIR``.  A preset
+    # that names one (``paper-openai-dvae``) asks for the folder and trains no such part.
+    pretrained_dvae: str = ""
+    pretrained_clip: str = ""
 
 
 @dataclass
@@ -221,6 +243,9 @@ class DalleConfig:
             problems.append(f"clip.image_size={cl.image_size} but dvae.image_size={dv.image_size}")
         if not 0.0 <= self.data.max_bad_fraction <= 1.0:
             problems.append(f"data.max_bad_fraction={self.data.max_bad_fraction} must be between 0 and 1")
+        if not 0.0 <= tr.null_caption_fraction < 1.0:
+            problems.append(f"transformer.null_caption_fraction={tr.null_caption_fraction} must be in [0, 1) "
+                            "(0.1 is the presets' share of null captions)")
         if dv.image_size % dv.downsample:
             problems.append(f"dvae.image_size={dv.image_size} is not divisible by {dv.downsample}")
         if problems:
@@ -228,6 +253,13 @@ class DalleConfig:
 
 
 # --- (de)serialisation -------------------------------------------------------
+
+# Fields added after model folders were first written, with the value that a file
+# lacking the field meant (the behaviour of the code that wrote it).  A new config takes
+# the dataclass default; an old file keeps what it was trained with.
+LEGACY_DEFAULTS: dict[type, dict[str, Any]] = {
+    DVAEConfig: {"decoder_init_width": 0},
+}
 
 
 def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
@@ -238,7 +270,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") 
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)} for {cls.__name__}")
-    kwargs = {}
+    kwargs = {name: value for name, value in LEGACY_DEFAULTS.get(cls, {}).items() if name not in data}
     for name, value in data.items():
         default = getattr(cls(), name)  # type: ignore[call-arg]
         if dataclasses.is_dataclass(default):
@@ -456,6 +488,9 @@ def config_changes(old: Any, new: Any) -> list[tuple[str, str, Any, Any]]:
 
 
 # --- Presets -----------------------------------------------------------------
+# Share of training captions replaced by the null caption, for classifier-free guidance
+# (TransformerConfig.null_caption_fraction says why this value).
+PRESET_NULL_CAPTION_FRACTION = 0.1
 
 
 def paper() -> DalleConfig:
@@ -463,7 +498,7 @@ def paper() -> DalleConfig:
     return DalleConfig(
         tokenizer=TokenizerConfig(),
         dvae=DVAEConfig(),
-        transformer=TransformerConfig(),
+        transformer=TransformerConfig(null_caption_fraction=PRESET_NULL_CAPTION_FRACTION),
         clip=CLIPConfig(text_layers=12, text_width=512, text_heads=8, image_layers=12, image_width=768, image_heads=12, embed_dim=512),
     )
 
@@ -489,6 +524,7 @@ def shapes() -> DalleConfig:
         transformer=TransformerConfig(
             n_layers=4, n_heads=4, head_dim=64, text_vocab=tok.total_vocab, text_len=tok.text_len,
             image_vocab=dv.codebook_size, image_grid=dv.grid_size, attention="full", conv_kernel=5,
+            null_caption_fraction=PRESET_NULL_CAPTION_FRACTION,
         ),
         clip=CLIPConfig(
             text_vocab=tok.total_vocab, text_len=tok.text_len, text_layers=2, text_width=128, text_heads=4,
@@ -577,9 +613,21 @@ def base_256() -> DalleConfig:
     )
 
 
+def paper_openai_dvae() -> DalleConfig:
+    """The paper's transformer on OpenAI's released dVAE (256 px, 32x32 tokens, 8192 codes), not trained here.
+
+    Convert the released pair first (``dalle convert openai-dvae encoder.pkl decoder.pkl
+    --out D``) and pass ``--dvae D`` to ``dalle train``.  The dVAE section is the released
+    layout (the paper's), so the folder's weights fit it one to one.
+    """
+    cfg = paper()
+    cfg.train.pretrained_dvae = "openai-dvae"
+    return cfg
+
+
 PRESETS: dict[str, Callable[[], DalleConfig]] = {
     "small-64": small_64, "base-128": base_128, "base-256": base_256,
-    "shapes": shapes, "tiny": tiny, "paper": paper,
+    "shapes": shapes, "tiny": tiny, "paper": paper, "paper-openai-dvae": paper_openai_dvae,
 }
 
 

@@ -6,9 +6,12 @@ of OpenAI's released dVAE:
 * encoder: 7x7 input conv, ``num_groups`` groups of bottleneck residual blocks
   (ReLU-conv3x3 x3 at a quarter of the block's width, then a 1x1 conv back) with a
   2x max-pool between groups, then ReLU + 1x1 conv to logits over the codebook;
-* decoder: 1x1 conv over the (soft) one-hot code, groups of residual blocks with
-  nearest-neighbour 2x up-sampling between groups, 1x1 conv to six channels: the
-  location and log-scale of a logit-Laplace distribution for each of R, G, B;
+* decoder: 1x1 conv over the (soft) one-hot code to ``decoder_init_width`` channels
+  (128 in the released dVAE), groups of residual blocks (the first one widening to the
+  group's width with a 1x1 conv on its identity path) with nearest-neighbour 2x
+  up-sampling between groups, then ReLU + 1x1 conv to six channels: the location and
+  log-scale of a logit-Laplace distribution for each of R, G, B (pixels mapped into
+  [0.1, 0.9] first, ``PIXEL_EPS``);
 * every residual branch is multiplied by ``1 / n_layers**2`` (``n_layers`` = the
   number of residual blocks of the encoder or decoder) so that the network starts
   close to its identity path, and convolutions start as the released dVAE's
@@ -214,8 +217,12 @@ class Decoder(nn.Module):
         super().__init__()
         widths = group_widths(config)[::-1]
         post_gain = 1.0 / (config.num_groups * config.blocks_per_group) ** 2
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 1)]
-        n_in = widths[0]
+        # The released dVAE's 1x1 input convolution: one-hot codes (or VQ code vectors) to
+        # ``decoder_init_width`` channels; 0 keeps the layout of older folders (straight to
+        # the first group's width).
+        n_init = config.decoder_init_width or widths[0]
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, n_init, 1)]
+        n_in = n_init
         for g, width in enumerate(widths):
             for _ in range(config.blocks_per_group):
                 layers.append(DecoderBlock(n_in, width, post_gain))
@@ -549,6 +556,31 @@ class DiscreteVAE(nn.Module):
         return model
 
 
+def load_image_tokenizer(folder: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The image tokenizer of a ``dvae/`` folder: our dVAE, or a converted taming VQGAN.
+
+    A converted VQGAN's config says ``"architecture": "taming-vqgan"`` (``dalle convert
+    vqgan``); it has the same interface (``encode``, ``decode``, ``grid_size``,
+    ``codebook_size``, ``config.image_size``).
+    """
+    import json
+
+    from dalle.io import CONFIG_NAME, ModelLoadError
+
+    path = Path(folder) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"missing config file {path}") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
+    if isinstance(data, dict) and data.get("architecture") == "taming-vqgan":
+        from dalle.vqgan import VQGAN
+
+        return VQGAN.from_pretrained(folder, device=device)
+    return DiscreteVAE.from_pretrained(folder, device=device)
+
+
 def psnr_from_mse(mse: Tensor) -> Tensor:
     """PSNR in dB of images in [0, 1]."""
     return -10.0 * torch.log10(mse.clamp_min(1e-10))
@@ -565,6 +597,8 @@ def check_config(config: DVAEConfig) -> None:
     for name in ("image_size", "hidden_width", "blocks_per_group", "num_groups", "codebook_size", "code_dim"):
         if getattr(config, name) < 1:
             raise ValueError(f"dvae.{name} must be positive, got {getattr(config, name)}")
+    if config.decoder_init_width < 0:
+        raise ValueError(f"dvae.decoder_init_width must be positive (or 0: the first group's width), got {config.decoder_init_width}")
     if config.image_size % config.downsample:
         raise ValueError(
             f"dvae.image_size={config.image_size} is not divisible by the down-sampling factor {config.downsample}"

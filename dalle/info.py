@@ -104,14 +104,26 @@ def describe_presets() -> list[str]:
     return lines
 
 
+def describe_conversion(folder: Path) -> str | None:
+    """One line on where a converted part came from (``converted.json``), or None for a part trained here."""
+    from dalle.convert import read_conversion
+
+    record = read_conversion(folder)
+    if record is None:
+        return None
+    sources = ", ".join(f"{role} {s.get('file')} (sha256 {str(s.get('sha256'))[:12]})"
+                        for role, s in (record.get("sources") or {}).items() if isinstance(s, dict))
+    when = f" on {record['date']}" if record.get("date") else ""
+    return f"converted from {record.get('converted_from', '?')}: {sources}{when}, not trained here"
+
+
 def describe_model(folder: Path, problems: list[str] | None = None) -> list[str]:
     """One line a component: its size, how its weights were verified (checksum), its config.
 
-    A component that would not load gets a ``BROKEN`` line, and what is wrong with it is
+    A component whose files are damaged gets a ``BROKEN`` line, and what is wrong with it is
     appended to ``problems`` (``dalle info`` then fails, naming them).
     """
-    from dalle.config import CLIPConfig, DVAEConfig, TokenizerConfig, TransformerConfig
-    from dalle.io import ModelLoadError, check_export, load_config_with_checksums
+    from dalle.io import ModelLoadError
     from dalle.pipeline import bundled_model_dir
 
     folder = Path(folder) if folder is not None else bundled_model_dir()
@@ -119,23 +131,32 @@ def describe_model(folder: Path, problems: list[str] | None = None) -> list[str]
         raise ModelLoadError(f"{folder} is a file; give the model folder (the one holding tokenizer/, dvae/, transformer/)")
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist")
+    if (folder / "config.json").is_file():  # one part's folder, e.g. the output of dalle convert
+        return [f"part {folder}", *_describe_part(folder, folder.name, problems)]
     lines = [f"model {folder}"]
-    parts = {"tokenizer": (TokenizerConfig, "tokenizer.json"), "dvae": (DVAEConfig, "model.safetensors"),
-             "transformer": (TransformerConfig, "model.safetensors"), "clip": (CLIPConfig, "model.safetensors")}
-    for part, (config_cls, weights_name) in parts.items():
+    for part in ("tokenizer", "dvae", "transformer", "clip"):
         if not (folder / part / "config.json").is_file():
             lines.append(f"{part}: missing")
             continue
-        problem, checksum = check_export(folder / part, config_cls, weights_name)
-        if problem is not None:
-            lines.append(f"{part}: BROKEN: {problem}")
-            if problems is not None:
-                problems.append(f"{part}: {problem}")
-            continue
-        weights = folder / part / weights_name
-        config, _ = load_config_with_checksums(config_cls, folder / part / "config.json")
-        lines.append(f"{part}, {weights.stat().st_size / 1e6:.1f} MB, {checksum}: "
-                     f"{json.dumps(config_to_dict(config), separators=(',', ':'))}")
+        lines += _describe_part(folder / part, part, problems)
+    return lines
+
+
+def _describe_part(folder: Path, name: str, problems: list[str] | None) -> list[str]:
+    from dalle.io import CHECKSUMS_KEY, check_export, read_json
+
+    problem, checksum = check_export(folder)
+    if problem is not None:
+        if problems is not None:
+            problems.append(f"{name}: {problem}")
+        return [f"{name}: BROKEN: {problem}"]
+    weights = next((folder / f for f in ("model.safetensors", "tokenizer.json") if (folder / f).is_file()), None)
+    size = f", {weights.stat().st_size / 1e6:.1f} MB" if weights is not None else ""
+    config = {k: v for k, v in read_json(folder / "config.json").items() if k != CHECKSUMS_KEY}
+    lines = [f"{name}{size}, {checksum}: {json.dumps(config, separators=(',', ':'))}"]
+    conversion = describe_conversion(folder)
+    if conversion:
+        lines.append(f"{name}: {conversion}")
     return lines
 
 

@@ -248,17 +248,26 @@ def check_fits(build: Callable[[C], nn.Module], config: C, device: str | torch.d
     return params
 
 
-def check_export(folder: str | Path, config_cls: type, weights_name: str = WEIGHTS_NAME) -> tuple[str | None, str]:
+def check_export(folder: str | Path, weights_name: str | None = None) -> tuple[str | None, str]:
     """``(problem, checksum)`` of an exported component folder, without building its module.
 
-    ``problem`` is None when the folder would load (config readable, weights file whole and
-    matching its checksum); ``checksum`` says how the file was verified ("sha256 ... verified",
-    or "no checksum" for an export made before checksums existed).
+    ``problem`` is None when the files are whole: ``config.json`` readable, the weights file
+    (``weights_name``; by default ``model.safetensors``, else ``tokenizer.json``) readable and
+    matching its checksum.  ``checksum`` says how the file was verified ("sha256 HEX verified",
+    or "no checksum" for an export made before checksums existed).  Whether the config fits
+    the weights is checked when loading.
     """
     folder = Path(folder)
-    weights = folder / weights_name
+    config_path = folder / CONFIG_NAME
     try:
-        _, checksums = load_config_with_checksums(config_cls, folder / CONFIG_NAME)
+        data = read_json(config_path)
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"{config_path}: expected a JSON object")
+        checksums = data.get(CHECKSUMS_KEY) or {}
+        if weights_name is None:
+            weights_name = WEIGHTS_NAME if (folder / WEIGHTS_NAME).exists() or not (folder / "tokenizer.json").exists() \
+                else "tokenizer.json"
+        weights = folder / weights_name
         if not weights.is_file():
             raise ModelLoadError(f"missing {weights}")
         if weights.suffix == ".safetensors":
@@ -271,7 +280,7 @@ def check_export(folder: str | Path, config_cls: type, weights_name: str = WEIGH
                 raise ModelLoadError(f"{weights} is not a readable safetensors file ({e})") from None
         else:
             read_json(weights)
-        verified = verify_checksum(weights, checksums)
+        verified = verify_checksum(weights, checksums if isinstance(checksums, dict) else {})
     except (ConfigError, ModelLoadError) as e:
         return str(e), "unchecked"
     return None, f"sha256 {verified} verified" if verified else "no checksum"
@@ -334,5 +343,5 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelLoadError(f"missing file {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({e})") from None

@@ -21,13 +21,13 @@ ProgressCallback = Callable[[int, int], None]
 import torch
 from PIL import Image
 
-from dalle.clip import CLIP
+from dalle.clip import CLIP, load_reranker
 from dalle.data.preprocess import eval_transform
-from dalle.dvae import DiscreteVAE
+from dalle.dvae import DiscreteVAE, load_image_tokenizer
 from dalle.io import ModelLoadError
 from dalle.sampling import (
-    StaticDecoder, generate_images_tokens, keep_rows_mask, prepare_for_sampling, region_mask, static_decoder_for,
-    use_static_decoder,
+    StaticDecoder, check_guidance, generate_images_tokens, keep_rows_mask, prepare_for_sampling, region_mask,
+    static_decoder_for, use_static_decoder,
 )
 from dalle.tokenizer import TextTokenizer
 from dalle.transformer import DalleTransformer
@@ -157,9 +157,9 @@ class DallePipeline:
             raise ModelLoadError(f"model folder {folder} lacks {', '.join(missing)}/ (train it with dalle train ... --out {folder})")
         device = device or default_device()
         tokenizer = TextTokenizer.from_pretrained(folder / "tokenizer")
-        dvae = DiscreteVAE.from_pretrained(folder / "dvae", device=device)
+        dvae = load_image_tokenizer(folder / "dvae", device=device)
         transformer = DalleTransformer.from_pretrained(folder / "transformer", device=device)
-        clip = CLIP.from_pretrained(folder / "clip", device=device) if (folder / "clip").is_dir() else None
+        clip = load_reranker(folder / "clip", device=device) if (folder / "clip").is_dir() else None
         return cls(tokenizer, dvae, transformer, clip, device=device)
 
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
@@ -214,15 +214,17 @@ class DallePipeline:
     @torch.inference_mode()
     def _sample(self, prompt: str, candidates: int, keep: int, seed: int, temperature: float, top_k: int | None,
                 top_p: float | None, batch_size: int | None, known: torch.Tensor | None, keep_mask: torch.Tensor | None,
-                progress: bool, progress_callback: ProgressCallback | None) -> GenerationResult:
+                progress: bool, progress_callback: ProgressCallback | None, guidance: float = 1.0) -> GenerationResult:
         if not 1 <= keep <= candidates:
             raise ValueError(f"keep must be between 1 and candidates ({candidates}), got {keep}")
+        check_guidance(self.transformer, guidance)  # before any work
         text = self.encode_prompt(prompt)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         batch_size = batch_size or candidates
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive number of candidates, got {batch_size}")
-        decoder = self.decoder_for(min(batch_size, candidates))
+        # Guided, every candidate runs two rows (its caption's and the null caption's).
+        decoder = self.decoder_for(min(batch_size, candidates) * (1 if guidance == 1 else 2))
         images, scores = [], []
         batches = range(0, candidates, batch_size)
         if progress:
@@ -235,12 +237,12 @@ class DallePipeline:
                 self.sampler, text.expand(n, -1), temperature=temperature, top_k=top_k, top_p=top_p,
                 generator=generator,
                 known_tokens=None if known is None else known.expand(n, -1, -1),
-                keep_mask=keep_mask, decoder=decoder,
+                keep_mask=keep_mask, decoder=decoder, guidance=guidance,
             )
             pixels = self.dvae.decode(tokens).float()
             images.append(pixels)
             if self.clip is not None:
-                scores.append(self.clip.score(text, pixels).float())
+                scores.append(self.clip.score(self.reranker_text(prompt, text), pixels).float())
             if progress_callback is not None:
                 progress_callback(start + n, candidates)
         pixels = torch.cat(images)
@@ -253,15 +255,23 @@ class DallePipeline:
         kept = tensor_to_pil(pixels[order])
         return GenerationResult(prompt, kept, all_scores[order].tolist(), seed, all_scores.tolist())
 
+    def reranker_text(self, prompt: str, text: torch.Tensor) -> torch.Tensor:
+        """The prompt as the reranker reads it: our tokenizer's ids, or a converted CLIP's own tokens."""
+        own = getattr(self.clip, "tokenizer", None)
+        return text if own is None else own.encode_batch([prompt]).to(self.device)
+
     def __call__(self, prompt: str, candidates: int = 32, keep: int = 4, seed: int = 0, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, batch_size: int | None = None,
-                 progress: bool = False, progress_callback: ProgressCallback | None = None) -> GenerationResult:
+                 progress: bool = False, progress_callback: ProgressCallback | None = None,
+                 guidance: float = 1.0) -> GenerationResult:
         """Sample ``candidates`` images for ``prompt`` and keep the ``keep`` CLIP ranks best.
 
         ``progress_callback(done, total)`` is called after each batch of candidates.
+        ``guidance``: classifier-free guidance scale (1 = none; other values need a model
+        trained with null captions, see :mod:`dalle.sampling`); it doubles the rows sampled.
         """
         return self._sample(prompt, candidates, keep, seed, temperature, top_k, top_p, batch_size, None, None, progress,
-                            progress_callback)
+                            progress_callback, guidance)
 
     def image_tokens(self, image: Image.Image) -> torch.Tensor:
         """An image cut to the model's token grid: [1, grid, grid]."""
@@ -271,8 +281,9 @@ class DallePipeline:
                  region: tuple[int, int] | None = None, candidates: int = 32, keep: int = 4, seed: int = 0,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  batch_size: int | None = None, progress: bool = False,
-                 progress_callback: ProgressCallback | None = None) -> GenerationResult:
-        """Regenerate the top-``keep_rows``-kept image, or the rectangle from ``region`` to the bottom-right."""
+                 progress_callback: ProgressCallback | None = None, guidance: float = 1.0) -> GenerationResult:
+        """Regenerate the top-``keep_rows``-kept image, or the rectangle from ``region`` to the bottom-right
+        (``guidance`` as in :meth:`__call__`)."""
         if (keep_rows is None) == (region is None):
             raise ValueError("give exactly one of keep_rows or region")
         if keep_rows is not None:
@@ -286,7 +297,7 @@ class DallePipeline:
             mask = region_mask(self.grid, row, col)
         known = self.image_tokens(image)
         return self._sample(prompt, candidates, keep, seed, temperature, top_k, top_p, batch_size, known,
-                            mask.to(self.device), progress, progress_callback)
+                            mask.to(self.device), progress, progress_callback, guidance)
 
 
 MANIFEST = "manifest.jsonl"

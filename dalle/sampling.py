@@ -26,11 +26,22 @@ There the sampler uses :class:`StaticDecoder` instead
 (0.078 s an image on that H200).  It draws the same random numbers in the same order,
 so both decoders sample the same tokens from a generator, up to float rounding of the
 logits.
+
+Classifier-free guidance (beyond the paper; Ho & Salimans 2022): a model trained with the
+caption replaced by the null caption (every text position its padding token) a fraction
+of the time (``TransformerConfig.null_caption_fraction``) predicts both p(image | text)
+and p(image).  With ``guidance`` s every image token is drawn from
+``uncond + s * (cond - uncond)`` of the two streams' logits: s = 1 is plain sampling,
+s = 0 ignores the caption, s > 1 follows it more closely.  Both streams run as one
+batch of 2B rows through the same key/value cache (one forward a step, the prompt's
+and the null caption's text prefilled once each); the token drawn for a candidate is fed
+to both of its rows.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import torch
@@ -169,6 +180,44 @@ def sample_logits(
     cdf = probs.cumsum(dim=-1)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def check_guidance(model: DalleTransformer, guidance: float) -> None:
+    """ValueError unless ``model`` can be sampled with classifier-free guidance ``guidance``.
+
+    A model trained without null captions never learned p(image) for the null caption, so its
+    "unconditional" logits are meaningless: it is refused rather than guided into noise.
+    """
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number (1 = no guidance), got {guidance!r}")
+    if guidance < 0:
+        raise ValueError(f"guidance must be >= 0 (1 = no guidance, 0 = ignore the caption), got {guidance:g}")
+    if guidance != 1 and getattr(model.config, "null_caption_fraction", 0.0) <= 0:
+        raise ValueError(f"guidance {guidance:g} needs a transformer trained with null captions, and this one was "
+                         "not (transformer.null_caption_fraction is 0): use guidance 1, or retrain with "
+                         "--set transformer.null_caption_fraction=0.1")
+
+
+def null_caption_ids(model: DalleTransformer, rows: int, device: torch.device | str) -> torch.Tensor:
+    """``[rows, text_len]`` null captions: every text position holds its own padding id
+    (what the tokenizer makes of the empty caption)."""
+    ids = torch.arange(model.pad_start, model.config.text_vocab, device=device)
+    return ids.expand(rows, -1)
+
+
+def guided_logits(logits: torch.Tensor, guidance: float) -> torch.Tensor:
+    """``[2B, V]`` logits, the captioned rows then their null-caption rows -> ``[B, V]``
+    ``uncond + guidance * (cond - uncond)`` (in fp32)."""
+    b = logits.shape[0] // 2
+    cond, uncond = logits[:b].float(), logits[b:2 * b].float()
+    return uncond + guidance * (cond - uncond)
+
+
+def _draw(logits: torch.Tensor, guidance: float, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """Tokens for every row of ``logits``; guided, one token per candidate fed to both of its rows."""
+    if guidance == 1:
+        return sample_logits(logits, temperature, top_k, top_p, generator)
+    return sample_logits(guided_logits(logits, guidance), temperature, top_k, top_p, generator).repeat(2)
 
 
 def _check_args(model: DalleTransformer, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask):
@@ -349,6 +398,7 @@ def generate_images_tokens(
     known_tokens: torch.Tensor | None = None,
     keep_mask: torch.Tensor | None = None,
     decoder: str | StaticDecoder = "auto",
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """Sample the image tokens for each row of ``text_ids [B, text_len]``; returns ``[B, grid, grid]``.
 
@@ -366,8 +416,18 @@ def generate_images_tokens(
     A ``StaticDecoder`` made for ``model`` (see :func:`static_decoder_for`) may be passed
     to reuse its captured graph across calls; its batch may exceed ``B`` (the rows
     beyond ``B`` are padding whose tokens are never sampled).
+
+    ``guidance`` (default 1, none) is the classifier-free guidance scale (see the module
+    docstring); other than 1 it needs a model trained with null captions, and runs ``2B``
+    rows (a ``StaticDecoder`` passed in must hold them).
     """
     _check_args(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask)
+    check_guidance(model, guidance)
+    b = text_ids.shape[0]
+    if guidance != 1:  # the null caption's stream rides in the same batch
+        text_ids = torch.cat([text_ids, null_caption_ids(model, b, text_ids.device)])
+        if known_tokens is not None:
+            known_tokens = torch.cat([known_tokens, known_tokens])
     if isinstance(decoder, StaticDecoder):
         if decoder.model is not model:
             raise ValueError("this StaticDecoder was made for another model; make one with "
@@ -382,13 +442,15 @@ def generate_images_tokens(
     model.eval()
     try:
         if static is None:
-            tokens = _generate(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask)
+            tokens = _generate(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask,
+                               guidance)
         else:
-            tokens = _generate_static(static, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask)
+            tokens = _generate_static(static, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask,
+                                      guidance)
     finally:
         model.train(was_training)
     # Cloned outside inference mode so callers may use the result in autograd (e.g. a loss).
-    return tokens.clone()
+    return tokens[:b].clone()
 
 
 def _kept(keep_mask: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -424,7 +486,8 @@ def _prefill(
 
 
 @torch.inference_mode()
-def _generate(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask) -> torch.Tensor:
+def _generate(model, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask,
+              guidance: float = 1.0) -> torch.Tensor:
     cfg = model.config
     t, g = cfg.text_len, cfg.image_grid
     n = g * g
@@ -454,7 +517,7 @@ def _generate(model, text_ids, temperature, top_k, top_p, generator, known_token
     keys = {kind: allowed_keys(kind, t, g, cfg.conv_kernel, device) for kind in set(model.kinds) if kind != "full"}
     j = first
     while True:
-        tokens[:, j] = sample_logits(logits, temperature, top_k, top_p, generator)
+        tokens[:, j] = _draw(logits, guidance, temperature, top_k, top_p, generator)
         nxt = next_sampled[j]
         if nxt >= n:
             break  # everything after j is kept (or j was the last token)
@@ -473,7 +536,8 @@ def _generate(model, text_ids, temperature, top_k, top_p, generator, known_token
 
 @torch.inference_mode()
 def _generate_static(
-    decoder: StaticDecoder, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask
+    decoder: StaticDecoder, text_ids, temperature, top_k, top_p, generator, known_tokens, keep_mask,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
     """:func:`_generate` through a :class:`StaticDecoder`: one fixed-shape step per image token.
 
@@ -502,7 +566,7 @@ def _generate_static(
     logits = _prefill(model, text_ids, tokens, first, decoder.cache, model.image_positions())
     for j in range(first, last + 1):
         if sample_here[j]:
-            tokens[:b, j] = sample_logits(logits[:b], temperature, top_k, top_p, generator)
+            tokens[:b, j] = _draw(logits[:b], guidance, temperature, top_k, top_p, generator)
         if j == last:
             break  # everything after the last sampled token is kept
         logits = decoder.step(tokens[:, j], j)

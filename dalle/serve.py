@@ -12,7 +12,7 @@ for the state, queue position, progress and results.
 API (all answers JSON unless noted; errors are ``{"error": message}``):
 
 ``GET  /api/info``                      model facts, limits and defaults for the form
-``POST /api/generate``                  JSON ``{prompt, candidates, keep, temperature, top_k, top_p, seed}``
+``POST /api/generate``                  JSON ``{prompt, candidates, keep, temperature, top_k, top_p, guidance, seed}``
                                         -> 202 ``{id, state, position, ...}``
 ``POST /api/complete``                  multipart form: the same fields, ``image`` (a file),
                                         ``mode`` = ``rows`` (with ``keep_rows``) or ``region``
@@ -62,6 +62,7 @@ class Limits:
     max_image_side: int = 4096  # pixels, checked before decoding (decompression bombs)
     max_candidates: int = 256
     max_temperature: float = 10.0
+    max_guidance: float = 20.0  # classifier-free guidance scale (1 = none)
     max_prompt_chars: int = 1000  # checked before tokenizing; the token limit is the model's
     finished_jobs_kept: int = 32  # finished jobs whose images stay fetchable
 
@@ -131,20 +132,22 @@ class SamplingParams:
     temperature: float
     top_k: int | None
     top_p: float | None
+    guidance: float = 1.0
     warning: str | None = None  # about the prompt (words the model cannot read); shown with the results
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return dict(candidates=self.candidates, keep=self.keep, seed=self.seed, temperature=self.temperature,
-                    top_k=self.top_k, top_p=self.top_p)
+                    top_k=self.top_k, top_p=self.top_p, guidance=self.guidance)
 
 
 def validate_sampling(fields: dict[str, Any], limits: Limits, count_tokens: Callable[[str], tuple[int, int]] | None,
-                      image_vocab: int | None,
+                      image_vocab: int | None, guidable: bool = True,
                       check_words: Callable[[str], tuple[str | None, str | None]] | None = None) -> SamplingParams:
     """Check the form fields shared by both tabs; raise :class:`RequestError` (400) naming the first bad one.
 
     ``count_tokens(prompt) -> (tokens, text_len)`` lets a prompt the model would cut short be refused
-    with the numbers, instead of silently generating images for half a sentence.
+    with the numbers, instead of silently generating images for half a sentence.  ``guidable``:
+    whether the model was trained with null captions (else only guidance 1 is accepted).
     """
     prompt = fields.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
@@ -177,10 +180,16 @@ def validate_sampling(fields: dict[str, Any], limits: Limits, count_tokens: Call
     top_p = _parse_float(fields, "top_p", "top-p")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise RequestError(400, f"top-p must be above 0 and at most 1, got {top_p:g}")
+    guidance = _parse_float(fields, "guidance", "guidance", default=1.0)
+    if not 0.0 <= guidance <= limits.max_guidance:
+        raise RequestError(400, f"guidance must be between 0 and {limits.max_guidance:g} (1 = none), got {guidance:g}")
+    if guidance != 1 and not guidable:
+        raise RequestError(400, f"guidance {guidance:g} needs a model trained with null captions, and this one was "
+                                "not: set guidance to 1")
     seed = _parse_int(fields, "seed", "seed", 0, 2**63 - 1)
     if seed is None:  # no seed given: pick one and report it, so the result can be reproduced
         seed = secrets.randbelow(2**31)
-    return SamplingParams(prompt, candidates, keep, seed, temperature, top_k, top_p, warning)
+    return SamplingParams(prompt, candidates, keep, seed, temperature, top_k, top_p, guidance, warning)
 
 
 def validate_completion(fields: dict[str, Any], grid: int) -> dict[str, Any]:
@@ -450,13 +459,19 @@ class DalleServer(ThreadingHTTPServer):
             "text_len": getattr(tokenizer, "text_len", None),
             "image_vocab": self.image_vocab(),
             "reranker": getattr(pipe, "clip", None) is not None,
+            "guidance": self.guidable(),
             "device": str(getattr(pipe, "device", "")),
             "queue": self.worker.queue_length(),
             "limits": {"max_queue": self.limits.max_queue, "max_upload_bytes": self.limits.max_upload_bytes,
                        "max_candidates": self.limits.max_candidates, "max_temperature": self.limits.max_temperature,
-                       "max_prompt_chars": self.limits.max_prompt_chars},
-            "defaults": {"candidates": 32, "keep": 4, "temperature": 1.0, "top_k": None, "seed": 0},
+                       "max_guidance": self.limits.max_guidance, "max_prompt_chars": self.limits.max_prompt_chars},
+            "defaults": {"candidates": 32, "keep": 4, "temperature": 1.0, "top_k": None, "guidance": 1.0, "seed": 0},
         }
+
+    def guidable(self) -> bool:
+        """Whether the model was trained with null captions (classifier-free guidance other than 1)."""
+        transformer = getattr(self.pipeline, "transformer", None)
+        return getattr(getattr(transformer, "config", None), "null_caption_fraction", 0.0) > 0
 
     def image_vocab(self) -> int | None:
         transformer = getattr(self.pipeline, "transformer", None)
@@ -643,7 +658,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         server = self.server
         params = validate_sampling(fields, server.limits, server.count_tokens(), server.image_vocab(),
-                                   server.check_words())
+                                   server.guidable(), server.check_words())
         if path == "/api/generate":
             job = Job("generate", params)
         else:

@@ -279,7 +279,7 @@ def _budget(minutes: float | None, share: float, component: str, total_minutes: 
 def build_or_open_token_cache(dataset, out: Path, device: str):
     """Encode the data set once with the trained dVAE (rebuilt when the dVAE changes)."""
     from dalle.data.token_cache import TokenCache, TokenCacheError, build_token_cache
-    from dalle.dvae import DiscreteVAE
+    from dalle.dvae import load_image_tokenizer
     from dalle.io import WEIGHTS_NAME, file_sha256
 
     dvae_dir = out / "dvae"
@@ -296,7 +296,7 @@ def build_or_open_token_cache(dataset, out: Path, device: str):
         except TokenCacheError as e:  # truncated, damaged or half-deleted: rebuilt, as said
             print(f"[transformer] the token cache is broken ({e}); rebuilding it", flush=True)
             shutil.rmtree(cache_dir)
-    dvae = DiscreteVAE.from_pretrained(dvae_dir, device=device)
+    dvae = load_image_tokenizer(dvae_dir, device=device)
     size = dvae.config.image_size
 
     @torch.inference_mode()
@@ -307,14 +307,115 @@ def build_or_open_token_cache(dataset, out: Path, device: str):
                              overwrite=True)  # here only when the cache was made with another dVAE
 
 
+# --- Parts used as they are (converted from released weights, or trained elsewhere) ------------
+
+
+def _same_files(src: Path, dst: Path) -> bool:
+    from dalle.io import file_sha256
+
+    files = sorted(p.name for p in src.iterdir() if p.is_file())
+    return all((dst / f).is_file() and file_sha256(src / f) == file_sha256(dst / f) for f in files)
+
+
+def _copy_part(src: Path, dst: Path, part: str) -> None:
+    """Copy the files of the part folder ``src`` into the model folder's ``dst`` (once)."""
+    import shutil
+
+    if src.resolve() == dst.resolve():
+        return
+    if dst.is_dir() and any(dst.iterdir()):
+        if _same_files(src, dst):
+            return
+        raise ConfigError(f"{dst} already holds another {part}; give a new --out (or remove {dst})")
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
+def adopt_pretrained(out: Path, config: DalleConfig, dvae_dir: Path | None, clip_dir: Path | None,
+                     log=print) -> DalleConfig:
+    """Put ``--dvae``/``--clip`` folders into ``out`` and fit the config to them; saved as ``dalle.json``.
+
+    The dVAE's config replaces the ``dvae`` section and sets what depends on it (the
+    transformer's image vocabulary and grid, our CLIP's image size); ``train.pretrained_*``
+    records that the part is not trained here.
+    """
+    from dalle.convert import read_conversion
+
+    if dvae_dir is not None:
+        from dalle.config import DVAEConfig
+        from dalle.dvae import DiscreteVAE, load_image_tokenizer
+        from dalle.io import CONFIG_NAME
+
+        tokenizer = load_image_tokenizer(dvae_dir)  # a loadable folder, or a clear error
+        if isinstance(tokenizer, DiscreteVAE):
+            dv = load_config(DVAEConfig, Path(dvae_dir) / CONFIG_NAME)
+        else:
+            # Another image tokenizer (a converted VQGAN) builds itself from its own folder;
+            # the dvae section then only states its grid, for the config's consistency checks.
+            c = tokenizer.config
+            levels = len(c.ch_mult)
+            dv = DVAEConfig(image_size=c.image_size, codebook_size=c.codebook_size, num_groups=levels,
+                            width_multipliers=(1,) * levels, quantizer="vq", code_dim=c.embed_dim)
+        if (out / "transformer" / "config.json").is_file() and (dv.codebook_size, dv.grid_size) != (
+                config.transformer.image_vocab, config.transformer.image_grid):
+            raise ConfigError(f"{out} already has a transformer for another dVAE; give a new --out")
+        before = (config.transformer.image_vocab, config.transformer.image_grid, config.clip.image_size)
+        config.dvae = dv
+        config.transformer.image_vocab, config.transformer.image_grid = dv.codebook_size, dv.grid_size
+        if not config.train.pretrained_clip:
+            config.clip.image_size = dv.image_size
+            if dv.image_size % config.clip.patch_size:
+                raise ConfigError(f"the dVAE's {dv.image_size} px images do not split into the CLIP's "
+                                  f"{config.clip.patch_size} px patches; pick a preset whose clip.patch_size divides it")
+        after = (config.transformer.image_vocab, config.transformer.image_grid, config.clip.image_size)
+        if after != before:
+            log(f"[dvae] from {dvae_dir}: transformer image vocabulary {before[0]} -> {after[0]}, grid {before[1]} -> "
+                f"{after[1]}, CLIP image size {before[2]} -> {after[2]}")
+        record = read_conversion(dvae_dir)
+        config.train.pretrained_dvae = record.get("converted_from", "folder") if record else "folder"
+        _copy_part(Path(dvae_dir), out / "dvae", "dVAE")
+    if clip_dir is not None:
+        from dalle.clip import load_reranker
+
+        reranker = load_reranker(clip_dir)  # a loadable CLIP folder, or a clear error
+        if getattr(reranker, "tokenizer", None) is None:  # ours: it reads the model folder's text ids
+            c, tok = reranker.config, config.tokenizer
+            if (c.text_vocab, c.text_len) != (tok.total_vocab, tok.text_len):
+                raise ConfigError(f"the CLIP in {clip_dir} reads {c.text_len} text ids over {c.text_vocab}, but this "
+                                  f"model's tokenizer gives {tok.text_len} over {tok.total_vocab}; it was trained "
+                                  "with another tokenizer")
+            if c.image_size != config.dvae.image_size:
+                raise ConfigError(f"the CLIP in {clip_dir} scores {c.image_size} px images but the dVAE makes "
+                                  f"{config.dvae.image_size} px ones")
+            config.clip = c
+        record = read_conversion(clip_dir)
+        config.train.pretrained_clip = record.get("converted_from", "folder") if record else "folder"
+        _copy_part(Path(clip_dir), out / "clip", "CLIP")
+    config.check()
+    save_config(config, out / CONFIG_FILE)
+    return config
+
+
+def _pretrained_part_missing(out: Path, part: str, kind: str) -> FileNotFoundError:
+    how = {"openai-dvae": "dalle convert openai-dvae encoder.pkl decoder.pkl --out D",
+           "openai-clip": "dalle convert openai-clip ViT-B-32.pt --out D"}.get(kind, f"a {part} folder D")
+    return FileNotFoundError(f"{out} uses a {part} that is not trained here ({kind}) and has none yet: "
+                             f"make one ({how}) and pass --{part} D")
+
+
 def train_component(component: str, *, data: str, out: Path, preset: str = "shapes", steps: int | None = None,
                     minutes: float | None = None, resume: bool = False, device: str | None = None,
                     seed: int | None = None, strategy: str = "ddp", compile: bool = False,
-                    overrides: list[str] | None = None, overwrite: bool = False) -> Path:
+                    dvae: Path | None = None, clip: Path | None = None, overrides: list[str] | None = None,
+                    overwrite: bool = False) -> Path:
     """Train ``component`` (or ``all``) on ``data`` into the model folder ``out``.
 
     Under ``torchrun`` every rank runs this; files shared by all ranks (the config,
     the tokenizer, the token cache) are written by rank 0 first, then read by the rest.
+    ``dvae``/``clip``: folders of parts used as they are (e.g. converted from released
+    weights by ``dalle convert``): copied into ``out`` and never trained.
     A fresh run (not ``resume``) into a folder holding another run of one of its stages
     is refused, unless ``overwrite`` moves that run aside (:func:`claim_out_folder`).
     """
@@ -333,8 +434,19 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
         if not resume and info.is_main and (aside := claim_out_folder(out, stages, whole, overwrite)):
             log(f"--overwrite: the earlier run in {out} was moved to {aside}")
         config = model_config(out, preset, overrides, resume=resume, stages=stages)
+        if dvae is not None or clip is not None:
+            if info.is_main:
+                config = adopt_pretrained(out, config, dvae, clip, log)
+            else:
+                config = load_config(DalleConfig, out / CONFIG_FILE)
+    pretrained = {"dvae": config.train.pretrained_dvae, "clip": config.train.pretrained_clip}
+    for part, kind in pretrained.items():
+        if kind and component == part:
+            raise ConfigError(f"{out}'s {part} is used as it is ({kind}), not trained here; train the transformer")
+        if kind and not stage_complete(out / part) and (component == "all" or (part == "dvae" and component == "transformer")):
+            raise _pretrained_part_missing(out, part, kind)
     if strategy != "fsdp":  # (sharded, each rank holds a part: the estimate would be too strict)
-        check_stages_fit(config, stages, device, out / CONFIG_FILE)
+        check_stages_fit(config, [s for s in stages if not pretrained.get(s)], device, out / CONFIG_FILE)
     dataset = open_training_data(data, "train", seed=config.train.seed if seed is None else seed,
                                  shapes_size=config.train.shapes_size,
                                  max_bad_fraction=config.data.max_bad_fraction)
@@ -346,6 +458,9 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
         common["checkpoint_every"] = every
     started = time.time()
     for stage in stages:
+        if pretrained.get(stage):
+            log(f"[{stage}] {out / stage} is used as it is ({pretrained[stage]}); not trained")
+            continue
         if whole and resume:
             problem = export_problem(out / stage)
             if problem is None:
@@ -371,7 +486,7 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
 
             train_dvae(dataset, out, config, minutes=budget, strategy=strategy, **common)
         elif stage == "transformer":
-            from dalle.dvae import DiscreteVAE
+            from dalle.dvae import load_image_tokenizer
             from dalle.tokenizer import TextTokenizer
             from dalle.training.state import holdout
             from dalle.training.transformer import train_transformer
@@ -379,7 +494,7 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
             tokenizer = _need_tokenizer(out)
             with main_process_first(info):
                 cache = build_or_open_token_cache(dataset, out, device)
-            dvae = DiscreteVAE.from_pretrained(out / "dvae", device=device)
+            dvae = load_image_tokenizer(out / "dvae", device=device)
             # The token cache lists the data set's items in order, so its tail holds the images the
             # dVAE and CLIP hold out; the count comes from the data set itself, because items the
             # cache left out (bad images) would otherwise shift the split's size.  None: too small
@@ -409,15 +524,11 @@ def _streamed(dataset) -> bool:
 
 def export_problem(folder: Path) -> str | None:
     """What keeps a stage's export from loading (None: it is whole and matches its checksum)."""
-    from dalle.config import CLIPConfig, DVAEConfig, TokenizerConfig, TransformerConfig
     from dalle.io import check_export
 
     if not (folder / "config.json").is_file():
         return f"no export in {folder}"
-    kinds = {"tokenizer": (TokenizerConfig, "tokenizer.json"), "dvae": (DVAEConfig, "model.safetensors"),
-             "transformer": (TransformerConfig, "model.safetensors"), "clip": (CLIPConfig, "model.safetensors")}
-    config_cls, weights = kinds[folder.name]
-    problem, _ = check_export(folder, config_cls, weights)
+    problem, _ = check_export(folder, "tokenizer.json" if folder.name == "tokenizer" else "model.safetensors")
     return problem
 
 

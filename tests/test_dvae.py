@@ -265,3 +265,47 @@ def test_mse_reconstruction_term_is_the_pixel_mse():
     out = model(x)
     assert float(out.metrics["nll"]) == pytest.approx(float(out.metrics["mse"]), rel=1e-4)
     assert float(out.loss) == pytest.approx(float(out.metrics["nll"]), rel=1e-6)  # beta 0 by default
+
+
+# --- The released dVAE's layout --------------------------------------------------------------
+
+
+def test_paper_layout_is_the_released_dvaes():
+    with torch.device("meta"):  # shapes only: no 8192-channel weights allocated
+        model = DiscreteVAE(DVAEConfig())
+    first, last = model.decoder.net[0], model.encoder.net[-1]
+    assert tuple(first.weight.shape) == (128, 8192, 1, 1)  # one-hot codes -> n_init = 128
+    assert tuple(last.weight.shape) == (8192, 2048, 1, 1)  # 8 x 256 channels -> logits
+    assert tuple(model.decoder.net[-1].weight.shape) == (6, 256, 1, 1)  # logit-Laplace loc, log-scale
+    assert tuple(model.decoder.net[1].id_path.weight.shape) == (2048, 128, 1, 1)
+    blocks = [m for m in model.modules() if hasattr(m, "post_gain")]
+    assert len(blocks) == 16 and all(b.post_gain == 1 / 8**2 for b in blocks)
+
+
+def test_a_folder_written_before_decoder_init_width_keeps_its_layout():
+    data = config_to_dict(tiny())
+    del data["decoder_init_width"]  # as in folders written before the field existed
+    old = config_from_dict(DVAEConfig, data)
+    assert old.decoder_init_width == 0 and tiny().decoder_init_width == 128
+    first = DiscreteVAE(old).decoder.net[0]
+    assert first.out_channels == 32  # straight to the first decoder group (8 x 4)
+    assert DiscreteVAE(tiny()).decoder.net[0].out_channels == 128
+
+
+@pytest.mark.parametrize("quantizer", ["gumbel", "vq"])
+def test_decoder_init_width_narrower_than_the_first_group(quantizer):
+    model = DiscreteVAE(tiny(quantizer, decoder_init_width=8)).eval()
+    assert model.decoder.net[1].id_path.weight.shape[:2] == (32, 8)
+    out = model.decode(model.encode(images(2)))
+    assert out.shape == (2, 3, 16, 16)
+
+
+def test_parameters_map_one_to_one_onto_the_released_dvae():
+    """Same tensors, same shapes, same order as OpenAI's ``dall_e`` Encoder and Decoder."""
+    dall_e = pytest.importorskip("dall_e", reason="the reference extra (pip install --no-deps DALL-E==0.1)")
+    cfg = DVAEConfig(image_size=32, hidden_width=64, blocks_per_group=1, codebook_size=512)
+    ours = DiscreteVAE(cfg)
+    ref_enc = dall_e.Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512)
+    ref_dec = dall_e.Decoder(n_init=128, n_hid=64, n_blk_per_group=1, vocab_size=512)
+    for mine, theirs in ((ours.encoder, ref_enc), (ours.decoder, ref_dec)):
+        assert [tuple(p.shape) for p in mine.parameters()] == [tuple(p.shape) for p in theirs.parameters()]

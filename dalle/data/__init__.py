@@ -4,6 +4,8 @@ Names are imported on first use, so ``import dalle.data`` stays cheap (and
 ``dalle.data.shapes`` does not pull in torch).
 
 * :mod:`dalle.data.shapes` - the shapes set (``ShapesDataset``, ``write_shapes``).
+* :mod:`dalle.data.shapes_twins` - hard-negative twins of shapes items, offered to the CLIP loop
+  through ``ShapesDataset.hard_negatives``.
 * :mod:`dalle.data.datasets` - :func:`open_dataset` (picks the reader a path needs), :func:`iter_samples`.
 * :mod:`dalle.data.images` - :class:`Sample`, :func:`load_image`, the bad-image accounting.
 * :mod:`dalle.data.folder`, :mod:`dalle.data.coco`, :mod:`dalle.data.webdataset` - one reader per

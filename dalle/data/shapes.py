@@ -29,6 +29,17 @@ Splits are disjoint as sets of images, not only as random streams: a scene's
 canonical description is hashed into 100 buckets (90 train, 5 val, 5 test) and a
 split only keeps scenes whose bucket it owns, so no image of val/test can be
 drawn in train however many images are generated.
+
+Captions are held out too, not only images (:data:`HELD_OUT_DESCRIPTIONS`): a fifth
+of what each phrasing can describe -- 4 of the 20 colour-shape pairs in the bare
+phrasing, 8 of the 40 size-colour-shape triples, 36 of the 180 colour-shape-region
+combinations, 38 of the 190 unordered pairs of objects ("X and Y"), and for 76 of the
+380 pairs-and-relations one orientation ("X to the left of Y", "X above Y"; its mirror
+image, "Y to the left of X", stays in training) -- is described only in val and test,
+and every val/test scene of those categories describes one of them.  So no caption of a val/test scene
+is ever a caption of a train scene: the evaluation asks for descriptions never seen
+in training, each made of parts that were.  :func:`belongs_to` is the rule, for
+scenes drawn here and for scenes made from them (hard-negative twins).
 """
 
 from __future__ import annotations
@@ -245,6 +256,90 @@ ALL_PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in 
 _HELD_OUT_SORTED: tuple[tuple[str, str], ...] = tuple(sorted(HELD_OUT))
 
 
+# --- Held-out descriptions ---------------------------------------------------------
+HELD_OUT_DESCRIPTION_FRACTION = 0.2
+_DESCRIPTION_SALT = 15  # seeds the fixed draw of the held-out descriptions below
+
+
+def _choose(keys: Sequence[Any], fraction: float, salt: int) -> list[Any]:
+    """A fixed ``fraction`` of ``keys`` (rounded), drawn once by a seeded permutation."""
+    order = np.random.default_rng([_DESCRIPTION_SALT, salt]).permutation(len(keys))
+    return [keys[int(i)] for i in order[: round(fraction * len(keys))]]
+
+
+def _held_out_descriptions() -> dict[str, frozenset]:
+    """Per caption phrasing (KINDS), the descriptions only val and test scenes give."""
+    f, rng = HELD_OUT_DESCRIPTION_FRACTION, np.random.default_rng([_DESCRIPTION_SALT, 99])
+    unordered = [(p, q) for i, p in enumerate(ALLOWED_PAIRS) for q in ALLOWED_PAIRS[i + 1:]]
+    # 8 pairs, one size each: the other size of the pair stays in training.
+    sized = [(("small", "large")[int(rng.integers(2))], *pair) for pair in _choose(ALLOWED_PAIRS, 2 * f, 1)]
+    relations = []
+    for p, q, relation in _choose([(p, q, r) for p, q in unordered for r in RELATIONS], f, 4):
+        # One orientation of each chosen pair and relation; its mirror image stays in training.
+        first, second = (p, q) if rng.random() < 0.5 else (q, p)
+        relations.append((first, relation, second))
+    return {
+        "single": frozenset(_choose(ALLOWED_PAIRS, f, 0)),  # (colour, shape)
+        "single_size": frozenset(sized),  # (size, colour, shape)
+        "single_region": frozenset(_choose([(*p, r) for p in ALLOWED_PAIRS for r in REGIONS], f, 2)),
+        "pair": frozenset(_choose(unordered, f, 3)),  # ((colour, shape), (colour, shape)), sorted
+        "pair_relation": frozenset(relations),  # ((colour, shape), relation, (colour, shape))
+    }
+
+
+HELD_OUT_DESCRIPTIONS: dict[str, frozenset] = _held_out_descriptions()
+
+
+def _descriptions(kind: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(train's, val and test's) descriptions of ``kind``, each in a fixed order."""
+    if kind == "single":
+        every: list[Any] = list(ALLOWED_PAIRS)
+    elif kind == "single_size":
+        every = [(size, *p) for p in ALLOWED_PAIRS for size in SIZE_RANGES]
+    elif kind == "single_region":
+        every = [(*p, r) for p in ALLOWED_PAIRS for r in REGIONS]
+    elif kind == "pair":
+        every = [(p, q) for i, p in enumerate(ALLOWED_PAIRS) for q in ALLOWED_PAIRS[i + 1:]]
+    else:
+        every = [(p, r, q) for p in ALLOWED_PAIRS for q in ALLOWED_PAIRS if p != q for r in RELATIONS]
+    held = HELD_OUT_DESCRIPTIONS[kind]
+    return tuple(d for d in every if d not in held), tuple(d for d in every if d in held)
+
+
+_DESCRIPTION_TABLES = {kind: _descriptions(kind) for kind in KINDS}
+
+
+def description(scene: "Scene") -> tuple[Any, ...]:
+    """What the captions of ``scene`` describe, as a key of :data:`HELD_OUT_DESCRIPTIONS`."""
+    objs = scene.objects
+    pairs = [(o.colour, o.shape) for o in objs]
+    if scene.kind == "single":
+        return pairs[0]
+    if scene.kind == "single_size":
+        return (objs[0].size_label, *pairs[0])
+    if scene.kind == "single_region":
+        return (*pairs[0], objs[0].region)
+    if scene.kind == "pair":
+        p, q = sorted(pairs, key=ALL_PAIRS.index)
+        return (p, q)
+    if scene.kind == "pair_relation":
+        return (pairs[0], scene.relation, pairs[1])
+    raise ValueError(f"unknown caption kind {scene.kind!r}")
+
+
+def belongs_to(scene: "Scene", split: str) -> bool:
+    """Whether ``split`` may hold ``scene``: its image hashes into the split's buckets
+    (:func:`split_owner`) and, for train, it shows no held-out colour-shape pair and its
+    captions describe nothing held out; for val and test, it is zero_shot or its captions
+    describe a held-out description (:data:`HELD_OUT_DESCRIPTIONS`)."""
+    _check_split(split)
+    if split_owner(scene.objects) != split:
+        return False
+    if any(o.held_out for o in scene.objects):
+        return split != "train"
+    return (description(scene) in HELD_OUT_DESCRIPTIONS[scene.kind]) == (split != "train")
+
+
 def _check_split(split: str) -> None:
     if split not in SPLIT_IDS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -264,23 +359,25 @@ def _pick(rng: np.random.Generator, items: Sequence[Any]) -> Any:
     return items[int(rng.integers(len(items)))]
 
 
-def _size(rng: np.random.Generator) -> int:
-    lo, hi = SIZE_RANGES[_pick(rng, ("small", "large"))]
+def _size(rng: np.random.Generator, label: str | None = None) -> int:
+    lo, hi = SIZE_RANGES[label or _pick(rng, ("small", "large"))]
     return int(rng.integers(lo, hi + 1))
 
 
-def _single(rng: np.random.Generator, identity: tuple[str, str], kind: str) -> tuple[ShapeObject, ...]:
+def _single(rng: np.random.Generator, identity: tuple[str, str], kind: str, size: str | None = None,
+            region: str | None = None) -> tuple[ShapeObject, ...]:
+    """One object; ``size`` (a label) and ``region`` fix those, else they are drawn."""
     colour, shape = identity
     if kind != "single_region":
-        s = _size(rng)
+        s = _size(rng, size)
         x0, y0 = (int(v) for v in rng.integers(MARGIN, IMAGE_SIZE - MARGIN - s + 1, size=2))
         return (ShapeObject(colour, shape, s, x0, y0),)
     # Region captions: draw the region first (uniform over the 9 cells; uniform
     # positions would favour the center), then a position whose centre sits in it.
-    region = int(rng.integers(9))
-    row, col = divmod(region, 3)
+    index = REGIONS.index(region) if region is not None else int(rng.integers(9))
+    row, col = divmod(index, 3)
     while True:
-        s = _size(rng)
+        s = _size(rng, size)
         ranges = []
         for cell in (col, row):
             lo = cell * IMAGE_SIZE / 3 + (REGION_CAPTION_MARGIN if cell > 0 else -1e9)
@@ -295,12 +392,17 @@ def _single(rng: np.random.Generator, identity: tuple[str, str], kind: str) -> t
 
 
 def _pair(
-    rng: np.random.Generator, first: tuple[str, str], second: tuple[str, str]
+    rng: np.random.Generator, first: tuple[str, str], second: tuple[str, str], relation: str | None = None
 ) -> tuple[tuple[ShapeObject, ...], str]:
-    """Two objects in a relation; returns (objects with objects[0] left/top, relation)."""
-    relation = _pick(rng, RELATIONS)
-    if rng.random() < 0.5:
-        first, second = second, first
+    """Two objects in a relation; returns (objects with objects[0] left/top, relation).
+
+    ``relation`` given: ``first`` is placed ``relation`` ``second``; else both the
+    relation and the order are drawn.
+    """
+    if relation is None:
+        relation = _pick(rng, RELATIONS)
+        if rng.random() < 0.5:
+            first, second = second, first
     sa, sb = _size(rng), _size(rng)
     lim = IMAGE_SIZE - MARGIN  # exclusive upper bound of a bbox
     # Along the relation's axis: a's start, then b's start far enough for the gap
@@ -343,8 +445,9 @@ def _category(rng: np.random.Generator, split: str) -> str:
 def generate_scene(rng: np.random.Generator, split: str, category: str | None = None) -> Scene:
     """Draw one scene of ``split``; ``category`` forces a category (default: drawn).
 
-    The train split never holds a held-out colour-shape pair; val and test mix
-    ordinary scenes with zero_shot ones.
+    The train split never holds a held-out colour-shape pair nor describes a held-out
+    description; val and test mix zero_shot scenes with scenes of held-out descriptions
+    (:func:`belongs_to`).
     """
     _check_split(split)
     if category is None:
@@ -358,14 +461,25 @@ def generate_scene(rng: np.random.Generator, split: str, category: str | None = 
         if category == "zero_shot":
             # The held-out pair alone, or beside any other (different) object.
             first = _pick(rng, _HELD_OUT_SORTED)
-            others = [p for p in ALL_PAIRS if p != first]
+            if kind.startswith("single"):
+                objects, relation = _single(rng, first, kind), None
+            else:
+                objects, relation = _pair(rng, first, _pick(rng, [p for p in ALL_PAIRS if p != first]))
         else:
-            first = _pick(rng, ALLOWED_PAIRS)
-            others = [p for p in ALLOWED_PAIRS if p != first]
-        if kind.startswith("single"):
-            objects, relation = _single(rng, first, kind), None
-        else:
-            objects, relation = _pair(rng, first, _pick(rng, others))
+            # A description this split may give (train's or the held-out ones), then a layout.
+            train, held = _DESCRIPTION_TABLES[kind]
+            d = _pick(rng, train if split == "train" else held)
+            relation = None
+            if kind == "single":
+                objects = _single(rng, d, kind)
+            elif kind == "single_size":
+                objects = _single(rng, d[1:], kind, size=d[0])
+            elif kind == "single_region":
+                objects = _single(rng, d[:2], kind, region=d[2])
+            elif kind == "pair":
+                objects, relation = _pair(rng, *d)
+            else:
+                objects, relation = _pair(rng, d[0], d[2], relation=d[1])
         if split_owner(objects) == split:
             return Scene(objects, relation, category, kind)
 
@@ -500,6 +614,16 @@ class ShapesDataset:
     def __iter__(self) -> Iterator[Sample]:
         for i in range(self.size):
             yield self[i]
+
+    def hard_negatives(self, items: Sequence[Sample], captions: Sequence[str],
+                       rng: np.random.Generator) -> tuple[list[Any], list[str]]:
+        """The CLIP loop's hook (:class:`dalle.training.clip.HardNegativeSource`): one near-miss
+        twin per item (:func:`dalle.data.shapes_twins.hard_negative_twins`), each a scene this
+        split may hold (:func:`belongs_to`): a twin never shows a held-out pair, describes a
+        held-out description or is an image of another split."""
+        from dalle.data.shapes_twins import hard_negative_twins
+
+        return hard_negative_twins(items, captions, rng, accept=lambda scene: belongs_to(scene, self.split))
 
 
 # --- Writing a folder -------------------------------------------------------------

@@ -16,7 +16,13 @@ How an image is read (:func:`detect_objects`):
    (16) pixels or more: the smallest legal object (a 10 px triangle) has 60, so a
    16-pixel blob is debris, not an object.
 3. Colour: the nearest palette entry (RGB distance) to the median colour of the
-   object's bright interior.
+   object's bright interior, with two caps so that a blend is not read as the
+   palette colour between its parts (a disc half red, half yellow has an orange
+   median): the median lies within ``COLOUR_MAX_DISTANCE`` (60; the palette's two
+   closest entries, orange and yellow, are 91 apart) of the entry, and at least
+   ``MIN_COLOUR_SHARE`` (2/3) of the interior's pixels have that entry as their own
+   nearest one.  Otherwise the colour is "off-palette" or "mixed" and fails any
+   caption.  The set's own images are flat (distance 0, share 1).
 4. Shape: from the fill ratio of the bounding box (square ~1.0, circle ~0.79,
    triangle ~0.55) and the share of the mass in the lower half of the box
    (triangle ~0.72, others 0.5), with bands wide enough for blur and noise; see
@@ -80,6 +86,8 @@ SIZE_SPLIT_PX = 18  # side < 18: small; >= 18: large
 MAX_SIDE_PX = 36  # larger than any object of the set (28) by a wide margin: "oversized"
 MAX_ASPECT = 1.5
 RELATION_MIN_DISTANCE = 10.0
+COLOUR_MAX_DISTANCE = 60.0  # median interior colour to its palette entry, RGB distance
+MIN_COLOUR_SHARE = 2 / 3  # of the interior's pixels, nearest to the object's palette entry
 
 _PALETTE_NAMES = tuple(PALETTE)
 _PALETTE_RGB = np.array([PALETTE[c] for c in _PALETTE_NAMES], dtype=np.float32)
@@ -240,7 +248,8 @@ class DetectedObject:
     fill: float  # area / bbox area
     lower_mass: float  # share of the area in the lower half of the bbox
     rgb: tuple[int, int, int]  # median colour of the interior
-    colour_distance: float  # RGB distance to the palette entry chosen
+    colour_distance: float  # RGB distance from the median to the nearest palette entry
+    colour_share: float  # share of interior pixels whose nearest palette entry is that one
 
     def describe(self) -> str:
         return f"{self.size} {self.colour} {self.shape} ({self.region})"
@@ -343,6 +352,20 @@ def classify_shape(fill: float, lower_mass: float, aspect: float) -> str:
     return "unknown"
 
 
+def colour_of(pixels: np.ndarray, k: int, median_distance: float) -> tuple[str, float]:
+    """``(colour, share)`` of an object whose interior ``pixels`` ([N, 3] RGB) have their
+    median nearest to palette entry ``k``, at ``median_distance``: the entry's name, or
+    "off-palette" / "mixed" when a cap fails (see the module docstring)."""
+    to_palette = np.linalg.norm(pixels[:, None, :] - _PALETTE_RGB[None], axis=2)  # [N, palette]
+    own = to_palette.argmin(axis=1) == k
+    share = float(own.mean()) if len(pixels) else 0.0
+    if median_distance > COLOUR_MAX_DISTANCE:
+        return "off-palette", share
+    if share < MIN_COLOUR_SHARE:
+        return "mixed", share
+    return _PALETTE_NAMES[k], share
+
+
 def _size_label(side: int) -> str:
     if side > MAX_SIDE_PX:
         return "oversized"
@@ -371,14 +394,16 @@ def detect_objects(image: Any) -> list[DetectedObject]:
         lower = float(np.sum(row_centre > cy) + 0.5 * np.sum(row_centre == cy)) / body.size
         aspect = max(w, h) / min(w, h)
         interior = comp[b >= 0.75 * ref]
-        median = np.median(flat_rgb[interior if interior.size else body].astype(np.float32), axis=0)
+        pixels = flat_rgb[interior if interior.size else body].astype(np.float32)
+        median = np.median(pixels, axis=0)
         dist = np.linalg.norm(_PALETTE_RGB - median, axis=1)
         k = int(np.argmin(dist))
+        colour, share = colour_of(pixels, k, float(dist[k]))
         col = min(2, int(cx * 3 // IMAGE_SIZE))
         row = min(2, int(cy * 3 // IMAGE_SIZE))
         found.append(
             DetectedObject(
-                colour=_PALETTE_NAMES[k],
+                colour=colour,
                 shape=classify_shape(fill, lower, aspect),
                 size=_size_label(max(w, h)),
                 region=REGIONS[3 * row + col],
@@ -389,6 +414,7 @@ def detect_objects(image: Any) -> list[DetectedObject]:
                 lower_mass=lower,
                 rgb=tuple(int(round(v)) for v in median),
                 colour_distance=float(dist[k]),
+                colour_share=share,
             )
         )
     return found

@@ -8,6 +8,11 @@ Reports (keys of shared/INTERFACE.md):
 - ``shapes``: judge pass rates per category for the CLIP top-1 of N candidates, for
   a random pick of the same candidates (the reranking gain is the difference), and
   for the real images (the upper bound).
+
+Prompts are the first captions of test-split images.  The shapes set holds out
+captions as well as images: every test scene shows a held-out colour-shape pair
+(zero_shot) or describes a held-out description (``dalle.data.shapes.
+HELD_OUT_DESCRIPTIONS``), so no prompt, nor any paraphrase of it, is a training caption.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 from dalle.evaluation.shapes_judge import CATEGORIES, judge
 from dalle.pipeline import DallePipeline, pil_to_tensor
+from dalle.sampling import check_guidance
 
 HELD_OUT_SPLIT = "test"
 
@@ -77,7 +83,9 @@ def evaluate_clip(pipe: DallePipeline, samples, seed: int = 0) -> dict[str, floa
         return {"r_at_1": float("nan")}
     from dalle.training.clip import evaluate_clip as clip_retrieval
 
-    return clip_retrieval(pipe.clip, samples, pipe.tokenizer, n=100, seed=seed)
+    # A converted OpenAI CLIP reads captions with its own tokenizer.
+    tokenizer = getattr(pipe.clip, "tokenizer", None) or pipe.tokenizer
+    return clip_retrieval(pipe.clip, samples, tokenizer, n=100, seed=seed)
 
 
 def pick_prompts(dataset, per_category: int) -> dict[str, list[Any]]:
@@ -94,7 +102,7 @@ def pick_prompts(dataset, per_category: int) -> dict[str, list[Any]]:
 
 
 def evaluate_generation(pipe: DallePipeline, prompts: dict[str, list[Any]], candidates: int, seed: int,
-                        progress: bool = True) -> dict[str, dict[str, float]]:
+                        progress: bool = True, guidance: float = 1.0) -> dict[str, dict[str, float]]:
     rng = random.Random(seed)
     top1: dict[str, list[bool]] = defaultdict(list)
     random_pick: dict[str, list[bool]] = defaultdict(list)
@@ -106,7 +114,7 @@ def evaluate_generation(pipe: DallePipeline, prompts: dict[str, list[Any]], cand
         work = tqdm(work, desc="eval: generating", unit="prompt")
     for i, (category, sample) in enumerate(work):
         caption = sample.captions[0]
-        result = pipe(caption, candidates=candidates, keep=candidates, seed=seed + i)
+        result = pipe(caption, candidates=candidates, keep=candidates, seed=seed + i, guidance=guidance)
         top1[category].append(judge(result.images[0], caption).passed)
         random_pick[category].append(judge(result.images[rng.randrange(candidates)], caption).passed)
         real[category].append(judge(sample.image, caption).passed)
@@ -122,21 +130,29 @@ def evaluate_generation(pipe: DallePipeline, prompts: dict[str, list[Any]], cand
 
 
 def evaluate_model(model: str | Path | None = None, *, prompts_per_category: int = 20, candidates: int = 32,
-                   device: str | None = None, seed: int = 0, progress: bool = True, held_out_size: int = 512) -> dict:
+                   device: str | None = None, seed: int = 0, progress: bool = True, held_out_size: int = 512,
+                   guidance: float = 1.0) -> dict:
+    """The whole report; ``guidance`` is the classifier-free guidance scale of the generated candidates."""
     started = time.time()
     pipe = DallePipeline.from_pretrained(model, device=device)
+    check_guidance(pipe.transformer, guidance)  # refuse before any work
     dataset = _held_out(seed, 100_000)
     samples = [dataset[i] for i in range(held_out_size)]
     report: dict[str, Any] = {
         "dvae": evaluate_dvae(pipe, samples),
         "transformer": evaluate_transformer(pipe, samples),
         "clip": evaluate_clip(pipe, samples, seed),
-        "shapes": evaluate_generation(pipe, pick_prompts(dataset, prompts_per_category), candidates, seed, progress),
     }
+    generating = time.time()
+    report["shapes"] = evaluate_generation(pipe, pick_prompts(dataset, prompts_per_category), candidates, seed, progress,
+                                           guidance)
+    generation_seconds = time.time() - generating
     shapes = report["shapes"]
     report["reranking_gain"] = shapes["reranked_top1"]["overall"] - shapes["random_pick"]["overall"]
     report["settings"] = {"model": str(model) if model else "bundled", "prompts_per_category": prompts_per_category,
                           "candidates": candidates, "seed": seed, "held_out_split": HELD_OUT_SPLIT,
+                          "held_out": "images (test split) and captions (held-out pairs and descriptions)",
+                          "guidance": guidance, "generation_seconds": round(generation_seconds, 1),
                           "seconds": round(time.time() - started, 1)}
     return report
 

@@ -31,9 +31,7 @@ finished run writes a fit report (``logs/clip_fit.json``, :func:`diagnose_clip`)
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -77,6 +75,19 @@ MEMORISING_GAP = 0.2
 class CaptionedItem(Protocol):
     image: Image.Image
     captions: list[str]
+
+
+class HardNegativeSource(Protocol):
+    """The hook a data set may implement to give training batches hard negatives.
+
+    ``hard_negatives(items, captions, rng)`` returns ``(twins, twin_captions)``: items
+    (``.image``, ``.captions``) that each contradict one of ``captions``, and the caption
+    each brings to the batch.  It must draw only from ``rng`` (a run resumed from a
+    checkpoint sees the same twins) and never return what the data set holds out.
+    """
+
+    def hard_negatives(self, items: Sequence[Any], captions: Sequence[str],
+                       rng: np.random.Generator) -> tuple[Sequence[CaptionedItem], Sequence[str]]: ...
 
 
 class TextEncoderLike(Protocol):
@@ -336,14 +347,14 @@ def train_clip(
     without ``steps``, the schedule length is fitted to the budget from the
     speed so far (re-fitted as it goes), so the cosine decay ends on time.
 
-    ``hard_negatives`` (default: on when the items carry a shapes ``scene``) gives
-    every item of the batch a twin: its scene with one attribute its caption names
-    changed (colour, shape, size, region or relation; see :func:`perturb_scene`),
-    rendered, with a caption of its own.  Twin and original are each other's
-    hardest negatives in both directions of the loss: the image encoder must see
-    the one attribute that differs and the text encoder must read it, e.g. tell
+    ``hard_negatives`` (default: on when ``dataset`` offers twins, see
+    :class:`HardNegativeSource`; the shapes set does, :mod:`dalle.data.shapes_twins`)
+    gives items of the batch a twin: a near miss with a caption of its own, e.g. its
+    scene with one attribute its caption names changed.  Twin and original are each
+    other's hardest negatives in both directions of the loss: the image encoder must
+    see the one attribute that differs and the text encoder must read it, e.g. tell
     "a red circle to the left of a blue square" from "a blue square to the left
-    of a red circle".  The batch doubles (``clip_batch`` originals + their twins).
+    of a red circle".  The batch about doubles (``clip_batch`` originals + their twins).
 
     Validation: the last ``val_items`` items of ``dataset`` (default: the config's split,
     :func:`dalle.training.state.validation_split`) are held out of training; every
@@ -371,6 +382,10 @@ def train_clip(
                          f"use a batch size divisible by {info.world_size} (it is the global batch)")
     if eval_every < 1:
         raise ValueError(f"eval_every must be a positive number of steps, got {eval_every}")
+    twin_source = getattr(dataset, "hard_negatives", None) if hard_negatives is not False else None
+    if hard_negatives and twin_source is None:
+        raise ValueError("hard_negatives=True needs a data set that offers twins (a hard_negatives(items, captions, "
+                         "rng) method, as the shapes set has)")
     n_train, val_indices = holdout(len(dataset), train, val_items, "clip", warn=main)
     if n_train < 2:
         raise ValueError(f"val_items={val_items} leaves {n_train} training item: CLIP needs at least 2 (contrast "
@@ -437,11 +452,9 @@ def train_clip(
 
             # The whole global batch's metadata on every rank; pixels of this rank's slice only.
             items, captions = draw_batch(dataset, train.clip_batch, seed, step, n_train)
-            if hard_negatives is not False and all(getattr(item, "scene", None) is not None for item in items):
-                twins, twin_captions = hard_negative_twins(items, captions, np.random.default_rng(derive_seed(seed, step, 2)))
-                items, captions = items + twins, captions + twin_captions
-            elif hard_negatives:
-                raise ValueError("hard_negatives=True needs shapes-set items (with a .scene)")
+            if twin_source is not None:
+                twins, twin_captions = twin_source(items, captions, np.random.default_rng(derive_seed(seed, step, 2)))
+                items, captions = items + list(twins), captions + list(twin_captions)
             lo, hi = slice_bounds(len(items), info)
             images = torch.stack([image_to_tensor(item.image, size) for item in items[lo:hi]]).to(device)
             # BPE dropout seeded from (seed, step) too, so a resumed run sees the same ids.  The
@@ -598,121 +611,6 @@ def evaluate_clip(
 
 # --- Hard negatives: does the reranker notice one wrong attribute? ----------------------
 
-PERTURBATIONS = ("colour", "shape", "size", "region", "relation")
-# How often a training twin changes each attribute, relative to the others that apply.
-# Colour and size are learned within minutes and region soon after; shape lags.
-# (Relations were not learned within ten CPU minutes even at weight 4, so extra
-# weight there only took twins from shape.)
-TWIN_WEIGHTS = {"colour": 1.0, "shape": 2.0, "size": 1.0, "region": 1.0, "relation": 1.0}
-_SIZE_WORD = re.compile(r"\b(small|large)\b")
-
-
-def perturb_scene(scene: Any, caption: str, what: str, rng: np.random.Generator, tries: int = 50) -> Any | None:
-    """A valid shapes scene that differs from ``scene`` in one attribute ``what`` and so
-    contradicts ``caption``; None when ``what`` does not apply to this caption.
-
-    * colour / shape: one object gets another colour / shape (same box);
-    * size: the object switches small <-> large about the same centre (caption must name a size);
-    * region: the object moves to another cell of the 3x3 grid (region captions only);
-    * relation: the two objects trade colour and shape, so "A left of B" becomes "B left of A".
-    """
-    from dalle.data import shapes
-
-    objects = scene.objects
-    if what == "relation" and scene.kind != "pair_relation":
-        return None
-    if what == "region" and scene.kind != "single_region":
-        return None
-    if what == "size" and not _SIZE_WORD.search(caption):
-        return None
-
-    def valid(new_objects: tuple) -> Any | None:
-        held_out = any(o.held_out for o in new_objects)
-        new = dataclasses.replace(scene, objects=new_objects,
-                                  category="zero_shot" if held_out else scene.kind)
-        try:
-            shapes.check_scene(new)
-        except ValueError:
-            return None
-        if what == "region" and new_objects[0].region == objects[0].region:
-            return None
-        if what == "size" and scene.kind == "single_region" and new_objects[0].region != objects[0].region:
-            return None  # two attributes changed
-        return new
-
-    if what == "relation":
-        a, b = objects
-        return valid((dataclasses.replace(a, colour=b.colour, shape=b.shape),
-                      dataclasses.replace(b, colour=a.colour, shape=a.shape)))
-    for _ in range(tries):
-        k = int(rng.integers(len(objects)))
-        o = objects[k]
-        if what == "colour":
-            new = dataclasses.replace(o, colour=str(rng.choice([c for c in shapes.COLOURS if c != o.colour])))
-        elif what == "shape":
-            new = dataclasses.replace(o, shape=str(rng.choice([t for t in shapes.SHAPES if t != o.shape])))
-        elif what == "size":
-            lo, hi = shapes.SIZE_RANGES["large" if o.size_label == "small" else "small"]
-            size = int(rng.integers(lo, hi + 1))
-            cx, cy = o.centre
-            clamp = lambda v: int(min(max(round(v - size / 2), shapes.MARGIN), shapes.IMAGE_SIZE - shapes.MARGIN - size))
-            new = dataclasses.replace(o, size_px=size, x0=clamp(cx), y0=clamp(cy))
-        elif what == "region":
-            x0, y0 = (int(v) for v in rng.integers(shapes.MARGIN, shapes.IMAGE_SIZE - shapes.MARGIN - o.size_px + 1, 2))
-            new = dataclasses.replace(o, x0=x0, y0=y0)
-        else:
-            raise ValueError(f"unknown perturbation {what!r}; choose one of {PERTURBATIONS}")
-        found = valid(objects[:k] + (new,) + objects[k + 1:])
-        if found is not None:
-            return found
-    return None
-
-
-@dataclasses.dataclass
-class _Twin:
-    """A hard-negative twin; its image is rendered when first asked for (under torchrun
-    every rank draws all twins of the batch but renders only those of its slice)."""
-
-    captions: list[str]
-    scene: Any
-    _image: Image.Image | None = dataclasses.field(default=None, repr=False)
-
-    @property
-    def image(self) -> Image.Image:
-        if self._image is None:
-            from dalle.data.shapes import render
-
-            self._image = render(self.scene)
-        return self._image
-
-
-def hard_negative_twins(items: Sequence[Any], captions: Sequence[str],
-                        rng: np.random.Generator) -> tuple[list[_Twin], list[str]]:
-    """One near-miss twin per shapes item: its scene with one attribute its caption names
-    changed, rendered, with all its true captions and one of them picked for the batch.
-
-    The attribute is drawn among those that apply to the caption with
-    :data:`TWIN_WEIGHTS`, which favour what the model learns last.
-    """
-    from dalle.data.shapes import all_captions
-
-    twins, twin_captions = [], []
-    for item, caption in zip(items, captions):
-        options = {what: perturb_scene(item.scene, caption, what, rng) for what in PERTURBATIONS}
-        options = {what: scene for what, scene in options.items() if scene is not None}
-        if not options:  # colour nearly always applies; a scene with no twin goes without
-            continue
-        names = sorted(options)
-        weights = np.array([TWIN_WEIGHTS[what] for what in names], dtype=float)
-        scene = options[names[int(rng.choice(len(names), p=weights / weights.sum()))]]
-        own = all_captions(scene)
-        # Its caption must be false of the original ("a red circle in the top left"
-        # still fits the original of a size twin), else the pair teaches nothing.
-        contrasting = [c for c in own if c not in true_captions(item)] or own
-        twins.append(_Twin(own, scene))
-        twin_captions.append(contrasting[int(rng.integers(len(contrasting)))])
-    return twins, twin_captions
-
 
 @torch.no_grad()
 def evaluate_clip_hard_negatives(
@@ -726,7 +624,7 @@ def evaluate_clip_hard_negatives(
 
     For ``n`` shapes-set items (they need ``.scene``), one caption each: the true
     image is scored against every applicable one-attribute perturbation of its
-    scene (see :func:`perturb_scene`), rendered by the set's own renderer.
+    scene (see :func:`dalle.data.shapes_twins.perturb_scene`), rendered by the set's own renderer.
 
     * ``pairwise[what]``: fraction of (true, perturbed) pairs where the true image
       scores higher (0.5 is chance);
@@ -735,6 +633,7 @@ def evaluate_clip_hard_negatives(
       perturbations at once (chance is about 1 / (1 + number of perturbations)).
     """
     from dalle.data.shapes import render
+    from dalle.data.shapes_twins import PERTURBATIONS, perturb_scene
 
     rng = np.random.default_rng(seed)
     indices = rng.choice(len(dataset), size=min(n, len(dataset)), replace=False)

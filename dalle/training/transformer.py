@@ -106,7 +106,7 @@ UNTRAINED_FRACTION = 0.9
 
 def batch_for_step(
     dataset: Any, tokenizer: Any, seed: int, step: int, batch_size: int, info: DistInfo | None = None,
-    n_train: int | None = None,
+    n_train: int | None = None, null_fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Text ids ``[B, text_len]`` and image tokens ``[B, g, g]`` of step ``step``: a function of ``(seed, step)``.
 
@@ -117,6 +117,10 @@ def batch_for_step(
     slice of it is returned; only the slice is read and encoded.  Each item's caption
     and BPE dropout are drawn from ``(seed, step, its place in the global batch)``, so
     the slices of all ranks put together are exactly the one-process batch.
+
+    ``null_fraction``: each item's caption is replaced by the null caption (the empty
+    caption: every position its padding token) with this probability, drawn from the same
+    ``(seed, step, place)``, for classifier-free guidance (``TransformerConfig.null_caption_fraction``).
     """
     g = make_generator(seed, step, DATA_STREAM)
     indices = torch.randint(len(dataset) if n_train is None else n_train, (batch_size,), generator=g).tolist()
@@ -133,6 +137,8 @@ def batch_for_step(
         if not caps:
             raise ValueError(f"data set item {i} has no caption; every image needs at least one")
         caption = caps[derive_seed(seed, step, DATA_STREAM, place, 0) % len(caps)]
+        if null_fraction > 0 and derive_seed(seed, step, DATA_STREAM, place, 2) / 2**63 < null_fraction:
+            caption = ""  # the null caption
         rows.append(tokenizer.encode_batch([caption], training=True,
                                            seed=derive_seed(seed, step, DATA_STREAM, place, 1)))
     return torch.cat(rows), images.long()
@@ -598,7 +604,8 @@ def train_transformer(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             text, images = batch_for_step(token_cache, tokenizer, seed, step, batch_size,
-                                          info if info.distributed else None, n_train)
+                                          info if info.distributed else None, n_train,
+                                          config.transformer.null_caption_fraction)
             text, images = text.to(device, non_blocking=True), images.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss, parts = _guarded_step(model, text, images, grad_accum, amp, wrapped, info, compile)

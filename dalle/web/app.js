@@ -63,6 +63,12 @@ async function loadInfo() {
     (info.device ? ` · ${info.device}` : "");
   $("#candidates").max = info.limits.max_candidates;
   $("#temperature").max = info.limits.max_temperature;
+  $("#guidance").max = info.limits.max_guidance;
+  if (!info.guidance) {  // a model trained without null captions cannot be guided
+    $("#guidance").value = 1;
+    $("#guidance").disabled = true;
+    $("#guidance").title = "this model was trained without null captions, so it cannot be guided";
+  }
   if (info.image_vocab) $("#top-k").max = info.image_vocab;
   for (const id of ["#keep-rows", "#region-row", "#region-col"]) {
     $(id).max = g - 1;
@@ -79,6 +85,7 @@ function samplingFields() {
     keep: $("#keep").value,
     temperature: $("#temperature").value,
     top_k: $("#top-k").value,
+    guidance: $("#guidance").value,
     seed: $("#seed").value,
   };
 }

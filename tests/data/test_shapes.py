@@ -123,6 +123,47 @@ def test_train_never_holds_a_held_out_pair():
         generate_scene(np.random.default_rng(0), "train", category="zero_shot")
 
 
+def test_val_and_test_captions_are_never_training_captions():
+    """Captions are held out, not only images: no caption a val/test scene can have is a
+    caption a train scene can have, and every non-zero-shot val/test scene describes a
+    held-out description (so every category of ``dalle eval`` asks for something unseen)."""
+    train_captions = set()
+    for i in range(3000):
+        scene, _ = shapes.make_item(0, "train", i)
+        assert shapes.belongs_to(scene, "train")
+        assert shapes.description(scene) not in shapes.HELD_OUT_DESCRIPTIONS[scene.kind]
+        train_captions.update(shapes.all_captions(scene))
+    per_category = {c: 0 for c in CATEGORIES}
+    for split in ("val", "test"):
+        for i in range(600):
+            scene, _ = shapes.make_item(0, split, i)
+            assert shapes.belongs_to(scene, split)
+            if scene.category != "zero_shot":
+                assert shapes.description(scene) in shapes.HELD_OUT_DESCRIPTIONS[scene.kind]
+            assert not train_captions & set(shapes.all_captions(scene)), scene
+            per_category[scene.category] += 1
+    assert all(n > 0 for n in per_category.values()), per_category
+
+
+def test_held_out_descriptions_are_new_combinations_of_trained_parts():
+    held = shapes.HELD_OUT_DESCRIPTIONS
+    assert [len(held[k]) for k in shapes.KINDS] == [4, 8, 36, 38, 76]
+    assert not held["single"] & SPEC_HELD_OUT
+    for size, colour, shape in held["single_size"]:  # the other size of the pair is trained
+        assert (("small" if size == "large" else "large"), colour, shape) not in held["single_size"]
+    for first, relation, second in held["pair_relation"]:  # the mirror image is trained
+        assert (second, relation, first) not in held["pair_relation"]
+    # Regions: every cell and every colour-shape pair keeps most of its combinations in training.
+    for region in REGIONS:
+        assert sum(r == region for _, _, r in held["single_region"]) <= 10
+    # A train scene is never given a held-out description, whatever the seed.
+    rng = np.random.default_rng(7)
+    for kind in shapes.KINDS:
+        for _ in range(200):
+            scene = generate_scene(rng, "train", category=kind)
+            assert shapes.description(scene) not in held[kind]
+
+
 def test_val_and_test_hold_zero_shot_alone_and_beside_others(samples):
     for split in ("val", "test"):
         zs = [s.scene for s in samples[split] if s.scene.category == "zero_shot"]

@@ -137,6 +137,35 @@ def test_detects_hand_drawn_objects():
     assert obj.shape == "unknown" and not judge(tri, "a green triangle")
 
 
+def test_blended_or_off_palette_colours_fail():
+    """A disc half red, half yellow has an orange median; it is no orange circle."""
+    img = _canvas()
+    _disc(img, 32, 32, 10, (230, 25, 25))
+    img[:, 32:][img[:, 32:].max(axis=2) > 0] = (240, 220, 30)
+    (obj,) = detect_objects(img)
+    assert obj.colour == "mixed" and obj.colour_share < sj.MIN_COLOUR_SHARE
+    for colour in ("orange", "red", "yellow"):
+        verdict = judge(img, f"a {colour} circle")
+        assert not verdict.passed and "mixed" in verdict.reason
+    grey = _canvas()
+    _disc(grey, 32, 32, 10, (128, 128, 128))  # nearest to white, 203 away
+    assert detect_objects(grey)[0].colour == "off-palette" and not judge(grey, "a white circle")
+    # Mostly one colour (a fifth of another, e.g. a blurred neighbour's bleed) is that colour.
+    mostly = _canvas()
+    _disc(mostly, 32, 32, 10, (245, 130, 20))
+    mostly[:27][mostly[:27].max(axis=2) > 0] = (240, 220, 30)
+    (obj,) = detect_objects(mostly)
+    assert obj.colour == "orange" and 0.7 < obj.colour_share < 0.9
+    assert judge(mostly, "an orange circle")
+
+
+def test_colour_caps_pass_every_real_image():
+    """The set's own images sit exactly on the palette: distance 0, every pixel its own colour."""
+    for item in ShapesDataset("test", 300, seed=5):
+        for obj in detect_objects(item.image):
+            assert obj.colour_distance == 0.0 and obj.colour_share == 1.0, (item.captions[0], obj)
+
+
 def test_blank_images_fail():
     assert not judge(_canvas(), "a red circle")
     assert "image shows 0: nothing" in judge(_canvas(), "a red circle").reason

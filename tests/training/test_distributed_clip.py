@@ -31,7 +31,7 @@ from dalle.data.shapes import ShapesDataset
 from dalle.tokenizer import TextTokenizer
 from dalle.training import distributed as dd
 from dalle.training.clip import (SPEED_PROBE_STEPS, EmbedForward, caption_positives, draw_batch, gather_rows, global_batch_loss,
-                                 hard_negative_twins, image_to_tensor, slice_bounds, train_clip)
+                                 image_to_tensor, slice_bounds, train_clip)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform == "win32",
                                 reason="needs torch.distributed with Gloo")
@@ -57,7 +57,7 @@ def odd_batch(tokenizer: TextTokenizer) -> tuple[torch.Tensor, torch.Tensor, tor
     """Step 0's batch as the loop builds it, less its last row: 7 rows, shares of 3 and 4."""
     config = toy_config()
     items, captions = draw_batch(dataset(), config.train.clip_batch, 0, 0)
-    twins, twin_captions = hard_negative_twins(items, captions, np.random.default_rng(derive_seed(0, 0, 2)))
+    twins, twin_captions = dataset().hard_negatives(items, captions, np.random.default_rng(derive_seed(0, 0, 2)))
     items, captions = (items + twins)[:-1], (captions + twin_captions)[:-1]
     images = torch.stack([image_to_tensor(item.image, config.clip.image_size) for item in items])
     text = tokenizer.encode_batch(captions, training=True, seed=derive_seed(0, 0, 1))

@@ -148,6 +148,8 @@ class CrashingDataset(list):
     def __init__(self, items, limit):
         super().__init__(items)
         self.reads, self.limit = 0, limit
+        if hasattr(items, "hard_negatives"):  # the wrapped set's twins (the CLIP loop's hook)
+            self.hard_negatives = items.hard_negatives
 
     def __getitem__(self, index):
         self.reads += 1
@@ -200,7 +202,7 @@ def test_perturbed_scenes_break_the_caption_in_one_attribute():
 
     from dalle.data.shapes import ShapesDataset, check_scene, render
     from dalle.evaluation.shapes_judge import judge
-    from dalle.training.clip import PERTURBATIONS, perturb_scene
+    from dalle.data.shapes_twins import PERTURBATIONS, perturb_scene
 
     rng = np.random.default_rng(0)
     seen = set()
@@ -222,7 +224,8 @@ def test_perturbed_scenes_break_the_caption_in_one_attribute():
 
 def test_hard_negative_evaluation_reports_every_attribute():
     from dalle.data.shapes import ShapesDataset
-    from dalle.training.clip import PERTURBATIONS, evaluate_clip_hard_negatives
+    from dalle.data.shapes_twins import PERTURBATIONS
+    from dalle.training.clip import evaluate_clip_hard_negatives
 
     words = sorted({w for item in ShapesDataset("val", 200, seed=0) for c in item.captions for w in c.split()})
     tokenizer = WordTokenizer(words, 16)
@@ -242,7 +245,7 @@ def test_twins_are_near_misses_with_their_own_true_caption():
 
     from dalle.data.shapes import ShapesDataset
     from dalle.evaluation.shapes_judge import judge
-    from dalle.training.clip import hard_negative_twins
+    from dalle.data.shapes_twins import hard_negative_twins
 
     items, captions = draw_batch(ShapesDataset("train", 500, seed=0), 48, seed=0, step=0)
     twins, twin_captions = hard_negative_twins(items, captions, np.random.default_rng(0))
