@@ -112,6 +112,15 @@ def claim_out_folder(out: Path, stages: list[str], whole: bool, overwrite: bool)
     return aside
 
 
+def _given_parts(out: Path) -> set[str]:
+    """Parts ``out``'s config marks as used as given (``train.pretrained_dvae``/``pretrained_clip``)."""
+    try:
+        train = json.loads((out / CONFIG_FILE).read_text()).get("train", {})
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {part for part in ("dvae", "clip") if isinstance(train, dict) and train.get(f"pretrained_{part}")}
+
+
 def record_run(out: Path, stage: str, steps: int | None, minutes: float | None) -> None:
     folder = out / "checkpoints" / stage
     folder.mkdir(parents=True, exist_ok=True)
@@ -199,7 +208,7 @@ def refuse_architecture_changes(old: DalleConfig, new: DalleConfig, out: Path, r
                    else f"this run does not retrain the {section}")
             raise ConfigError(
                 f"--set changes {section}.{key} from {before!r} to {after!r}, but {out / section} was trained "
-                f"with {before!r} and {how}; train into a new --out, or retrain the {section} without --resume")
+                f"with {before!r} and {how}; train into a new --out, or retrain the {section} afresh (--overwrite, without --resume)")
 
 
 def open_training_data(data: str, split: str = "train", seed: int = 0, shapes_size: int = 50_000,
@@ -425,13 +434,14 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
     check_out_folder(out)
     stages = ["tokenizer", "dvae", "transformer", "clip"] if component == "all" else [component]
     whole = component == "all"
+    own = [s for s in stages if s not in _given_parts(out)]  # parts used as given are never a run of ours
     if not resume and not overwrite:  # every rank refuses alike, before anything is written
-        claim_out_folder(out, stages, whole, overwrite=False)
+        claim_out_folder(out, own, whole, overwrite=False)
     info = init_distributed(resolve_device(device))
     device = str(info.device)
     log = print if info.is_main else (lambda *a, **k: None)
     with main_process_first(info):
-        if not resume and info.is_main and (aside := claim_out_folder(out, stages, whole, overwrite)):
+        if not resume and info.is_main and (aside := claim_out_folder(out, own, whole, overwrite)):
             log(f"--overwrite: the earlier run in {out} was moved to {aside}")
         config = model_config(out, preset, overrides, resume=resume, stages=stages)
         if dvae is not None or clip is not None:
