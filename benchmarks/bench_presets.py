@@ -39,14 +39,20 @@ MEASURED_BATCH = {"base-128": {"dvae": 4, "transformer": 2, "clip": 8},
 SKIP = {"paper"}  # 12 billion parameters: no CPU can step it
 
 
-def _time(step, repeats: int) -> float:
+def _time(step, repeats: int) -> tuple[float, float]:
+    """Median (wall seconds, CPU seconds of this process) of ``repeats`` calls after a warm-up.
+
+    On a machine shared with other jobs the wall time grows with their load while the CPU time
+    stays close to what the step costs: with one thread it is the wall time of an idle core.
+    """
     step()  # warm-up: allocations, first-call dispatch
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def _stepper(model: torch.nn.Module, loss_fn):
@@ -60,7 +66,7 @@ def _stepper(model: torch.nn.Module, loss_fn):
     return step
 
 
-def time_component(config: DalleConfig, component: str, batch: int, repeats: int) -> float:
+def time_component(config: DalleConfig, component: str, batch: int, repeats: int) -> tuple[float, float]:
     torch.manual_seed(0)
     if component == "dvae":
         model = DiscreteVAE(config.dvae).train()
@@ -104,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    presets = old.get("presets", {})
+    presets = old.get("presets", {}) if old.get("threads") == args.threads else {}
     load_start = load_average()
     for name in args.presets:
         config = get_preset(name)
@@ -113,15 +119,19 @@ def main() -> None:
         row = {}
         for component, batch in batches.items():
             measured = min(batch, MEASURED_BATCH.get(name, {}).get(component, batch))
-            seconds = time_component(get_preset(name), component, measured, args.repeats) * batch / measured
-            row[component] = {"seconds_per_step": round(seconds, 4), "batch": batch}
+            wall, cpu = time_component(get_preset(name), component, measured, args.repeats)
+            wall, cpu = wall * batch / measured, cpu * batch / measured
+            row[component] = {"cpu_seconds_per_step": round(cpu, 4), "wall_seconds_per_step": round(wall, 4),
+                              "batch": batch}
             if measured != batch:
                 row[component]["scaled_from_batch"] = measured
-            print(f"{name:10s} {component:12s} batch {batch:3d}: {seconds:8.3f} s/step"
+            print(f"{name:10s} {component:12s} batch {batch:3d}: {cpu:8.3f} CPU s/step, {wall:8.3f} wall s/step"
                   + (f" (estimate: timed at batch {measured}, scaled)" if measured != batch else ""), flush=True)
         presets[name] = row
     result = {
-        "what": "seconds per training step (forward, backward, AdamW) in fp32 on random inputs; no data loading",
+        "what": ("seconds per training step (forward, backward, AdamW) in fp32 on random inputs, no data loading: "
+                 "CPU seconds of the process (with 1 thread: an idle core's wall time) and wall seconds (which "
+                 "grow with other jobs' load)"),
         "command": "benchmarks/bench_presets.py --threads %d --repeats %d" % (args.threads, args.repeats),
         "threads": args.threads,
         "cpu": cpu_name(),

@@ -171,9 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model folder and write JSON")
     e.add_argument("--model", type=Path, default=None)
+    e.add_argument("--data", default=None,
+                   help="evaluate on the held-out split of your data (folder, COCO captions file or local shards) "
+                        "instead of the shapes set")
     e.add_argument("--out", type=Path, default=None, help="JSON file to write")
     e.add_argument("--prompts-per-category", type=_bounded(int, 1, None, "--prompts-per-category"), default=20)
-    e.add_argument("--candidates", type=_bounded(int, 1, 4096, "--candidates"), default=32)
+    e.add_argument("--candidates", type=_bounded(int, 1, 4096, "--candidates"), default=None,
+                   help="images sampled per caption before reranking (default 32; 8 with --data)")
+    e.add_argument("--captions", type=_bounded(int, 1, None, "--captions"), default=32,
+                   help="with --data: held-out captions to generate images for (default 32)")
+    e.add_argument("--train-images", type=_bounded(int, 1, None, "--train-images"), default=None,
+                   help="with --data: training images the copying check compares with (default all)")
     e.add_argument("--held-out", type=_bounded(int, 100, None, "--held-out"), default=512,
                    help="held-out images for the dVAE, transformer and CLIP figures (default 512)")
     e.add_argument("--device", type=_device, default=None)
@@ -319,12 +327,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dalle.evaluation.suite import evaluate_model, format_report
+    if args.data is not None:
+        from dalle.evaluation.user_data import evaluate_user_data, format_user_report
 
-    report = evaluate_model(args.model, prompts_per_category=args.prompts_per_category, candidates=args.candidates,
-                            device=args.device, seed=args.seed, progress=True,
-                            held_out_size=args.held_out, guidance=args.guidance)
-    print(format_report(report))
+        report = evaluate_user_data(args.model, args.data, captions=args.captions,
+                                    candidates=args.candidates or 8, device=args.device, seed=args.seed,
+                                    train_images=args.train_images, guidance=args.guidance)
+        print(format_user_report(report))
+    else:
+        from dalle.evaluation.suite import evaluate_model, format_report
+
+        report = evaluate_model(args.model, prompts_per_category=args.prompts_per_category,
+                                candidates=args.candidates or 32, device=args.device, seed=args.seed, progress=True,
+                                held_out_size=args.held_out, guidance=args.guidance)
+        print(format_report(report))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -83,16 +83,17 @@ class SelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: attention then a 4x GELU MLP, each residual."""
 
-    def __init__(self, width: int, heads: int, causal: bool) -> None:
+    def __init__(self, width: int, heads: int, causal: bool, dropout: float = 0.0) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = SelfAttention(width, heads, causal)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)  # identity when 0 or in eval mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.drop(self.attn(self.ln_1(x)))
+        return x + self.drop(self.mlp(self.ln_2(x)))
 
 
 class TextEncoder(nn.Module):
@@ -103,7 +104,7 @@ class TextEncoder(nn.Module):
         self.first_pad_id = config.text_vocab - config.text_len
         self.token_embedding = nn.Embedding(config.text_vocab, config.text_width)
         self.position_embedding = nn.Parameter(torch.randn(config.text_len, config.text_width) * 0.01)
-        self.blocks = nn.ModuleList(Block(config.text_width, config.text_heads, causal=True)
+        self.blocks = nn.ModuleList(Block(config.text_width, config.text_heads, causal=True, dropout=config.dropout)
                                     for _ in range(config.text_layers))
         self.ln_final = nn.LayerNorm(config.text_width)
 
@@ -150,7 +151,7 @@ class ImageEncoder(nn.Module):
         self.patch_embedding = nn.Conv2d(3, width, kernel_size=p, stride=p)
         self.position_embedding = nn.Parameter(torch.randn(num_patches, width) * 0.02)
         self.ln_pre = nn.LayerNorm(width)
-        self.blocks = nn.ModuleList(Block(width, config.image_heads, causal=False)
+        self.blocks = nn.ModuleList(Block(width, config.image_heads, causal=False, dropout=config.dropout)
                                     for _ in range(config.image_layers))
         self.ln_post = nn.LayerNorm(width)
         self.spatial_squeeze = nn.Linear(width, self.SPATIAL_CHANNELS)

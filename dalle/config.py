@@ -167,6 +167,9 @@ class CLIPConfig:
     image_width: int = 256
     image_heads: int = 4
     embed_dim: int = 256
+    # Dropout on the attention and MLP outputs of both encoders while training (against
+    # memorising a small set); it leaves the weights' shapes alone.
+    dropout: float = 0.0
 
 
 @dataclass
@@ -195,12 +198,28 @@ class TrainConfig:
     val_fraction: float = 0.02
     val_min: int = 16
     val_max: int = 256
+    # Transformer early stopping: the weight average is evaluated on the validation split every
+    # ``transformer_eval_every`` steps; the run ends once ``transformer_patience`` evaluations in a
+    # row have not lowered the validation bits per image token (0: never stop early), and the
+    # weights of the best evaluation are the ones exported (dalle/training/transformer.py).
+    transformer_eval_every: int = 500
+    transformer_patience: int = 3
+    # CLIP against memorising a small set: a random square crop of the image (side a uniform
+    # fraction in [min, max] of the shorter side, resized back; (1, 1) turns it off, as the shapes
+    # set needs: its captions name regions and sizes a crop would falsify), never a flip
+    # (captions say left and right), and AdamW weight decay on the weight matrices.
+    clip_crop_scale: tuple[float, float] = (1.0, 1.0)
+    clip_weight_decay: float = 0.1
+
     # Parts used as they are rather than trained here: "" trains the part; otherwise what
     # the folder's part was converted from ("openai-dvae", "openai-clip", ...; "folder" for a
     # part trained elsewhere), set by ``dalle train --dvae DIR`` / ``--clip DIR``.  A preset
     # that names one (``paper-openai-dvae``) asks for the folder and trains no such part.
     pretrained_dvae: str = ""
     pretrained_clip: str = ""
+
+    def __post_init__(self) -> None:
+        self.clip_crop_scale = tuple(self.clip_crop_scale)  # type: ignore[assignment]  # JSON gives a list
 
 
 @dataclass
@@ -317,8 +336,8 @@ ARCHITECTURE_SECTIONS = ("tokenizer", "dvae", "transformer", "clip")
 TRAINING_ONLY_FIELDS: dict[str, set[str]] = {
     "tokenizer": {"bpe_dropout"},
     "dvae": {"kl_weight", "recon_loss", "straight_through"},
-    "transformer": {"dropout", "text_loss_weight", "image_loss_weight", "attention_impl"},
-    "clip": set(),
+    "transformer": {"dropout", "text_loss_weight", "image_loss_weight", "attention_impl", "null_caption_fraction"},
+    "clip": {"dropout"},
 }
 
 # Fields of one component that another component's config must repeat (DalleConfig.check);
@@ -573,13 +592,15 @@ def _user_preset(*, image_size: int, num_groups: int, hidden_width: int, blocks_
             n_layers=layers, n_heads=heads, head_dim=64, text_vocab=tok.total_vocab, text_len=tok.text_len,
             image_vocab=dv.codebook_size, image_grid=dv.grid_size, attention=attention,  # type: ignore[arg-type]
             conv_kernel=11 if dv.grid_size >= 16 else 5, dropout=0.1,
+            null_caption_fraction=PRESET_NULL_CAPTION_FRACTION,
         ),
         clip=CLIPConfig(
             text_vocab=tok.total_vocab, text_len=tok.text_len, text_layers=clip_layers, text_width=clip_width,
             text_heads=clip_width // 64, image_size=dv.image_size, patch_size=clip_patch, image_layers=clip_layers,
-            image_width=clip_width, image_heads=clip_width // 64, embed_dim=clip_width,
+            image_width=clip_width, image_heads=clip_width // 64, embed_dim=clip_width, dropout=0.1,
         ),
-        train=train,
+        # Against memorising sets of a few thousand pictures: crops, decay and dropout for CLIP.
+        train=dataclasses.replace(train, clip_crop_scale=(0.8, 1.0), clip_weight_decay=0.2),
     )
 
 
@@ -590,7 +611,9 @@ def small_64() -> DalleConfig:
         vocab=2048, text_len=64, layers=4, heads=4, attention="full", clip_layers=2, clip_width=128, clip_patch=8,
         # 256 image tokens cost a transformer step 4x the shapes preset's 64: a smaller batch
         # keeps the steps of a CPU hour in the hundreds.
-        train=TrainConfig(dvae_lr=2e-3, dvae_batch=32, transformer_batch=16, clip_batch=64),
+        # Evaluations every 200 steps: a CPU hour holds about a thousand, and early stopping needs several.
+        train=TrainConfig(dvae_lr=2e-3, dvae_batch=32, transformer_batch=16, clip_batch=64,
+                          transformer_eval_every=200),
     )
 
 

@@ -73,7 +73,8 @@ def _timing_text(row: dict | None) -> str:
         t = row.get(component)
         if t:
             mark = "~" if "scaled_from_batch" in t else ""
-            parts.append(f"{component} {mark}{t['seconds_per_step']:.3g}")
+            seconds = t.get("cpu_seconds_per_step", t.get("seconds_per_step", float("nan")))
+            parts.append(f"{component} {mark}{seconds:.3g}" if seconds < 1000 else f"{component} {mark}{seconds:.0f}")
     return "cpu_s_per_step " + " ".join(parts)
 
 
@@ -97,10 +98,11 @@ def describe_presets() -> list[str]:
     if timings:
         load = timings.get("load_average_1min")
         lines.append(
-            f"# cpu_s_per_step: seconds per training step (dvae/transformer/clip at the batches shown), measured by "
-            f"{timings.get('command', 'benchmarks/bench_presets.py')} on {timings.get('cpu_count')} cores of "
-            f"{timings.get('cpu')}, {timings.get('threads')} thread(s), load average {load}, {timings.get('date')}; "
-            "rough: data loading and evaluations not included; ~ marks estimates timed at a smaller batch and scaled")
+            f"# cpu_s_per_step: rough CPU seconds per training step (dvae/transformer/clip at the batches shown; "
+            f"with {timings.get('threads')} thread(s) about the wall time on as many idle cores), measured by "
+            f"{timings.get('command', 'benchmarks/bench_presets.py')} on {timings.get('cpu')} "
+            f"({timings.get('cpu_count')} cores, load average {load} from other jobs), {timings.get('date')}; "
+            "data loading and evaluations not included; ~ marks estimates timed at a smaller batch and scaled")
     return lines
 
 

@@ -460,6 +460,13 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
     dataset = open_training_data(data, "train", seed=config.train.seed if seed is None else seed,
                                  shapes_size=config.train.shapes_size,
                                  max_bad_fraction=config.data.max_bad_fraction)
+    if info.is_main and hasattr(dataset, "image_files"):  # mixed sizes and modes: converted, with a note
+        from dalle.data.survey import survey_images, survey_note
+
+        note = survey_note(survey_images(dataset.image_files(), config.dvae.image_size), config.dvae.image_size,
+                           len(dataset))
+        if note:
+            log(note)
     if any(stage in ("tokenizer", "dvae", "clip") for stage in stages):  # (the token cache checks its own pass)
         check_bad_data(dataset, log)
     common: dict[str, Any] = dict(resume=resume, device=device, seed=seed)
@@ -467,6 +474,10 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
     if every is not None:
         common["checkpoint_every"] = every
     started = time.time()
+    if info.is_main:
+        from dalle.training.tensorboard import where_to_look
+
+        log(where_to_look(out))
     for stage in stages:
         if pretrained.get(stage):
             log(f"[{stage}] {out / stage} is used as it is ({pretrained[stage]}); not trained")

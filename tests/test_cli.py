@@ -182,3 +182,34 @@ def test_train_set_refuses_to_move_the_held_out_split_under_a_trained_stage(tmp_
         err = capsys.readouterr().err
         assert "moves the held-out split" in err and "dvae" in err and len(err.strip().splitlines()) == 1
     assert main(["train", "dvae", *common, "--steps", "1", "--overwrite", "--set", "train.val_fraction=0.1"]) == 0
+
+
+
+def test_eval_on_a_users_folder_reports_the_interface_keys(tiny_model, tmp_path, capsys):
+    from dalle.data.shapes import write_shapes
+
+    data = write_shapes(tmp_path / "data", 40, split="train", seed=5, progress=False, workers=1)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tiny_model), "--data", str(data), "--captions", "3", "--candidates", "2",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    # shared/INTERFACE.md's keys, and the held-out split of the model's own rule (40 items -> the last 8).
+    for section, key in (("dvae", "psnr"), ("transformer", "bits_per_image_token"), ("clip", "r_at_1"),
+                         ("generated", "r_precision"), ("generated", "real_r_precision")):
+        assert isinstance(report[section][key], float), (section, key)
+    assert report["data"]["held_out_items"] == 8 and report["data"]["train_items"] == 32
+    assert 0 < report["dvae"]["ssim"] <= 1 and 0 < report["dvae"]["codebook_usage"] <= 1
+    assert report["transformer"]["train_bits_per_image_token"] > 0 and report["clip"]["pool"] == 8
+    g = report["generated"]
+    assert g["self_judged"] is True and g["captions"] == 3 and 0 <= g["r_precision"] <= 1
+    assert g["copying"]["train_images_compared"] == 32 and g["copying"]["real_nearest_train_rms"]["mean"] > 0
+    assert 0 <= g["copying"]["generated_copies"] <= 1 and g["copying"]["real_copy_ratio"]["median"] > 0
+    assert "R-precision" in capsys.readouterr().out
+
+
+def test_eval_data_errors_are_one_line(tiny_model, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", "--model", str(tiny_model), "--data", str(empty), "--device", "cpu"]) != 0
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -85,6 +85,10 @@ class CocoDataset(MapDataset):
     def __len__(self) -> int:
         return len(self._items)
 
+    def image_files(self) -> list[Path]:
+        """The image file of every item, in item order (read by :func:`dalle.data.survey.survey_images`)."""
+        return [self.image_dir / name for name, _ in self._items]
+
     def key(self, index: int) -> str:
         return os.path.splitext(self._items[index][0])[0]
 

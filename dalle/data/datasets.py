@@ -32,7 +32,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from torch.utils.data import Dataset, IterableDataset
 
 from dalle.data.coco import CocoDataset, coco_image_dir
-from dalle.data.folder import FolderDataset, has_captioned_image
+from dalle.data.folder import FolderDataset, has_captioned_image, has_image
 from dalle.data.images import IMAGE_EXTENSIONS, BadImageError, DataError, MapDataset, PathLike, Sample
 from dalle.data.webdataset import IndexedShards, WebDatasetShards, expand_shards, is_url, shard_compression
 
@@ -90,7 +90,7 @@ def open_dataset(path: PathLike | Sequence[PathLike], *, streaming: bool | None 
             )
         if any(p.glob("*.tar")):
             return _open_shards(p, streaming, kwargs)
-        if has_captioned_image(p):
+        if has_captioned_image(p) or has_image(p):  # images without captions: the folder reader says so
             return FolderDataset(p, **kwargs)
     raise DataError(
         f"no data set found at {p}: looked for (1) image files ({', '.join(IMAGE_EXTENSIONS)}) with a same-named "

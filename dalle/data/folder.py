@@ -67,6 +67,10 @@ class FolderDataset(MapDataset):
     def __len__(self) -> int:
         return len(self._items)
 
+    def image_files(self) -> list[Path]:
+        """The image file of every item, in item order (read by :func:`dalle.data.survey.survey_images`)."""
+        return [self.root / rel for rel, _ in self._items]
+
     def key(self, index: int) -> str:
         return os.path.splitext(self._items[index][0])[0]
 
@@ -92,6 +96,15 @@ def _find_images(root: Path) -> list[str]:
 
 
 
+def has_image(root: Path) -> bool:
+    """True when the folder (or a sub-folder) holds an image file, captioned or not."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if any(not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS) for n in filenames):
+            return True
+    return False
+
+
 def has_captioned_image(root: Path) -> bool:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -102,4 +115,4 @@ def has_captioned_image(root: Path) -> bool:
     return False
 
 
-__all__ = ["FolderDataset", "has_captioned_image"]
+__all__ = ["FolderDataset", "has_captioned_image", "has_image"]

@@ -27,6 +27,13 @@ the same items the dVAE and transformer stages hold out) never enter a batch.  E
 ``eval_every`` steps rank 0 measures retrieval among pools of 16 items
 (:func:`retrieval_at_1`) on them and on as many training items, logs both, and the
 finished run writes a fit report (``logs/clip_fit.json``, :func:`diagnose_clip`).
+
+Against memorising a small set of real pictures (a 15k-image set reached 98% R@1 on
+training captions against 60% on held-out ones): ``train.clip_crop_scale`` gives each
+training image a random square crop (:func:`augmented_image`; never a flip, since captions
+say left and right), ``train.clip_weight_decay`` the AdamW decay of the weight matrices and
+``clip.dropout`` dropout in both encoders.  The shapes preset leaves crops off (its captions
+name regions and sizes); the presets for users' data turn all three on.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from tqdm.auto import tqdm
 
 from dalle.clip import CLIP, contrastive_loss
 from dalle.config import DalleConfig
-from dalle.data.preprocess import derive_seed, eval_transform
+from dalle.data.preprocess import derive_seed, eval_transform, make_generator, train_transform
 from dalle.training import distributed as dd
 from dalle.training.distributed import DistInfo
 from dalle.training.state import (Checkpointer, CsvLog, Diagnosis, NonFiniteGuard, holdout, spread, step_generator,
@@ -63,6 +70,7 @@ EVAL_ITEMS = 64  # training items evaluated when nothing is held out
 # Retrieval is measured among pools of this many items, whatever the split's size, so the
 # figure (and chance, 1 in 16) means the same on 16 held-out items as on 512.
 POOL = 16
+AUGMENT_STREAM = 5  # mixes into the per-item seeds of the image crops
 
 # Fit report thresholds (diagnose_clip).  Under twice chance, the reranker cannot tell a
 # fitting image from the others: reranking with it is about as good as picking at random.
@@ -98,6 +106,18 @@ def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """PIL image -> float ``[3, size, size]`` in [0, 1]; no random crop (the shapes set's
     captions name regions and sizes a crop would falsify), centre-cropped if not square."""
     return eval_transform(image if image.mode == "RGB" else image.convert("RGB"), size)
+
+
+def augmented_image(image: Image.Image, size: int, crop_scale: Sequence[float], seed: int, step: int,
+                    index: int) -> torch.Tensor:
+    """A training view of ``image``: a random square crop of ``crop_scale`` of its shorter side,
+    resized to ``size`` (no flip: captions say left and right).  Drawn from ``(seed, step,
+    index)`` alone, so a resumed run and every rank of a data-parallel one see the same view.
+    ``crop_scale`` (1, 1) is :func:`image_to_tensor` itself."""
+    if tuple(crop_scale) == (1.0, 1.0):
+        return image_to_tensor(image, size)
+    g = make_generator(seed, step, AUGMENT_STREAM, index)
+    return train_transform(image if image.mode == "RGB" else image.convert("RGB"), size, crop_scale, g)
 
 
 def true_captions(item: CaptionedItem) -> set[str]:
@@ -139,11 +159,11 @@ def draw_batch(dataset: Sequence[CaptionedItem], batch_size: int, seed: int, ste
     return items, captions
 
 
-def _optimizer(model: CLIP, lr: float) -> torch.optim.AdamW:
+def _optimizer(model: CLIP, lr: float, weight_decay: float = WEIGHT_DECAY) -> torch.optim.AdamW:
     # Decay matrices only; biases, norms and the temperature stay free.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     free = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": free, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": free, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
@@ -382,6 +402,9 @@ def train_clip(
                          f"use a batch size divisible by {info.world_size} (it is the global batch)")
     if eval_every < 1:
         raise ValueError(f"eval_every must be a positive number of steps, got {eval_every}")
+    lo_scale, hi_scale = train.clip_crop_scale
+    if not 0.0 < lo_scale <= hi_scale <= 1.0:
+        raise ValueError(f"train.clip_crop_scale must be (min, max) with 0 < min <= max <= 1, got {train.clip_crop_scale}")
     twin_source = getattr(dataset, "hard_negatives", None) if hard_negatives is not False else None
     if hard_negatives and twin_source is None:
         raise ValueError("hard_negatives=True needs a data set that offers twins (a hard_negatives(items, captions, "
@@ -396,7 +419,7 @@ def train_clip(
     torch.manual_seed(seed)
     model = CLIP(config.clip).to(device).train()
     forward = dd.wrap_model(EmbedForward(model), info)  # itself on one process
-    optimizer = _optimizer(model, train.clip_lr)
+    optimizer = _optimizer(model, train.clip_lr, train.clip_weight_decay)
     checkpointer = Checkpointer(out_dir / "checkpoints" / "clip")
     guard = NonFiniteGuard()
 
@@ -456,7 +479,8 @@ def train_clip(
                 twins, twin_captions = twin_source(items, captions, np.random.default_rng(derive_seed(seed, step, 2)))
                 items, captions = items + list(twins), captions + list(twin_captions)
             lo, hi = slice_bounds(len(items), info)
-            images = torch.stack([image_to_tensor(item.image, size) for item in items[lo:hi]]).to(device)
+            images = torch.stack([augmented_image(item.image, size, train.clip_crop_scale, seed, step, i)
+                                  for i, item in enumerate(items[lo:hi], start=lo)]).to(device)
             # BPE dropout seeded from (seed, step) too, so a resumed run sees the same ids.  The
             # dropout draws run through the batch in order, so every rank encodes all captions
             # (cheap) and keeps its rows: the ids are those of one process.

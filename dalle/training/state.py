@@ -495,13 +495,28 @@ class CsvLog:
         for row in self.kept:
             self._writer.writerow({k: row.get(k, "") for k in self.fields})
         self._file.flush()
+        # TensorBoard events beside the CSV (dalle.training.tensorboard; nothing without it): the
+        # stage is the file's name, and a resumed run hides the earlier events after its step.
+        from dalle.training.tensorboard import open_writer
+
+        self._stage = self.path.stem
+        self._purge = None if resume_step is None else resume_step + 1
+        open_writer(self.path.parent, self._stage, self._purge)
 
     def write(self, row: dict[str, Any]) -> None:
+        from dalle.training.tensorboard import log_scalars
+
         self._writer.writerow({k: row.get(k, "") for k in self.fields})
         self._file.flush()
+        log_scalars(self.path.parent, self._stage, {k: row.get(k, "") for k in self.fields}, self._purge)
 
     def close(self) -> None:
+        from dalle.training.tensorboard import writer_for
+
         self._file.close()
+        writer = writer_for(self.path.parent, self._stage, self._purge)
+        if writer is not None:
+            writer.flush()
 
 
 # --- fit reports --------------------------------------------------------------------
@@ -538,6 +553,12 @@ def write_fit_report(out_dir: str | Path, stage: str, summary: str, figures: dic
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_finite_or_none(report), indent=2) + "\n")
     os.replace(tmp, path)
+    from dalle.training.tensorboard import log_text
+
+    lines = [summary] + [f"- **{d.code}**: {d.message}" for d in diagnoses]
+    if not diagnoses:
+        lines.append("- no sign of memorising or of a failed stage")
+    log_text(path.parent, stage, "fit_report", "\n\n".join(lines), int(figures.get("last_step") or figures.get("step") or 0))
     if echo is not None:
         echo(f"[{stage}] fit: {summary}")
         for d in diagnoses:

@@ -40,6 +40,16 @@ hold out, :func:`dalle.training.state.validation_split`) never enter a batch.  E
 on as many training items, logged side by side, and at the end of the run turned into a
 fit report (``logs/transformer_fit.json``, :func:`diagnose_transformer`) that says in
 plain words when the model memorises its training images instead of learning.
+
+Early stopping: the validation loss decides the end of a run and the exported weights.
+Each evaluation that lowers the validation bits per image token saves the weight average
+to ``checkpoints/transformer_best``; once ``train.transformer_patience`` evaluations in a row
+(every ``train.transformer_eval_every`` steps) have not, the run stops, and whenever it ends
+the export is the best evaluated weights, not the last ones (the fit report names the step).
+``transformer_patience=0`` never stops early but still exports the best weights.  The best
+figure, its step and the count of evaluations since are in every checkpoint, so a resumed run
+stops and exports exactly as one never interrupted.  With nothing held out there is no
+validation loss: the run goes to its end and exports its last weights.
 """
 
 from __future__ import annotations
@@ -66,6 +76,7 @@ from dalle.training.distributed import DistInfo
 from dalle.training.state import (EMA, Checkpointer, CsvLog, Diagnosis, NonFiniteGuard, budget_deadline, format_count,
                                   holdout, resumed_progress, spread, steps_in_budget, time_per_step, warmup_cosine,
                                   write_fit_report)
+from dalle.training.tensorboard import log_image
 from dalle.transformer import DalleTransformer
 
 ADAM_BETAS = (0.9, 0.96)
@@ -431,7 +442,7 @@ def train_transformer(
     resume: bool = False,
     device: str | torch.device = "cpu",
     seed: int | None = None,
-    sample_every: int = 500,
+    sample_every: int | None = None,
     dvae: Any | None = None,
     eval_dataset: Any | None = None,
     log_every: int = 50,
@@ -453,10 +464,13 @@ def train_transformer(
     held out of training; ``dalle train`` passes the split of the source data set, so that
     the same images are held out as in the dVAE and CLIP stages.  ``eval_dataset``
     instead gives a separate validation set (then nothing is held out).  Every
-    ``sample_every`` steps the weight average is evaluated on the validation items and as
+    ``sample_every`` steps (default ``train.transformer_eval_every``) the weight average is
+    evaluated on the validation items and as
     many training items (logged), and with ``dvae`` given sample grids of validation
     captions are written to ``out_dir/samples``; a finished run writes its fit report
-    (``logs/transformer_fit.json``, printed too).  ``stop_after`` ends the run early,
+    (``logs/transformer_fit.json``, printed too).  Early stopping on the validation figure
+    and the export of the best evaluated weights: see the module docstring.  ``stop_after``
+    ends the run early,
     checkpointed, as an interruption would (for tests); ``resume`` continues from the
     newest checkpoint in ``out_dir/checkpoints/transformer``.  ``autocast``: None = bf16
     where supported natively, True/False to force.  The weight average is exported to
@@ -470,6 +484,11 @@ def train_transformer(
     out_dir = Path(out_dir)
     tcfg, train_cfg = config.transformer, config.train
     seed = train_cfg.seed if seed is None else seed
+    sample_every = train_cfg.transformer_eval_every if sample_every is None else sample_every
+    if sample_every < 1:
+        raise ValueError(f"the evaluation interval (train.transformer_eval_every) must be >= 1 step, got {sample_every}")
+    if train_cfg.transformer_patience < 0:
+        raise ValueError(f"train.transformer_patience must be >= 0 evaluations, got {train_cfg.transformer_patience}")
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if minutes is not None and minutes <= 0:
@@ -523,10 +542,16 @@ def train_transformer(
 
     step, total, elapsed_before = 0, None, 0.0
     window_sum, window_count = 0.0, 0  # the losses of the steps since the last logged row
+    # Early stopping: the best validation evaluation so far ({"step", "val"}) and the evaluations since.
+    best: dict[str, Any] | None = None
+    evals_since_best = 0
+    best_dir = out_dir / "checkpoints" / "transformer_best"
     if resume:
         restored = _load_checkpoint(checkpointer, model, ema, optimizer, sharded)
         step, total, elapsed_before, (window_sum, window_count) = resumed_progress(
             restored, steps, checkpointer.folder, warn=main)
+        if restored is not None:
+            best, evals_since_best = restored[1].get("best"), int(restored[1].get("evals_since_best", 0))
         if total is None and minutes is not None:
             total = _estimate_total(model, token_cache, tokenizer, seed, batch_size, grad_accum, amp, minutes,
                                     steps, info, n_train)
@@ -548,12 +573,13 @@ def train_transformer(
     sample_captions = [data[i][1][0] for data, i in shown]  # unseen captions where there are some
     tokens_per_step = batch_size * (tcfg.seq_len - 1)
 
-    saved_step, time_up = step, False
+    saved_step, time_up, stopped_early = step, False, False
 
     def save_checkpoint() -> None:
         nonlocal saved_step
         extra = {"total_steps": total, "seed": seed, "seconds": elapsed_before + time.perf_counter() - start_time,
-                 "world_size": info.world_size, "strategy": strategy, "window_loss": [window_sum, window_count]}
+                 "world_size": info.world_size, "strategy": strategy, "window_loss": [window_sum, window_count],
+                 "best": best, "evals_since_best": evals_since_best}
         if sharded:  # gather full tensors on every rank (collective), then rank 0 writes them
             modules: dict[str, Any] = {"model": dd.StateHolder(dd.full_state_dict(model)),
                                        "ema": dd.StateHolder(ema.state_dict())}
@@ -586,6 +612,17 @@ def train_transformer(
                 average, val_data, tokenizer, indices=val_indices)["bits_per_image_token"], 4)
         history.append(entry)
         return entry
+
+    def track_best(average: DalleTransformer, entry: dict[str, Any]) -> None:
+        """Keep the weights of the best validation evaluation so far on disk (rank 0)."""
+        nonlocal best, evals_since_best
+        if entry["val"] is None:
+            return
+        if best is None or entry["val"] < best["val"]:
+            best, evals_since_best = {"step": entry["step"], "val": entry["val"], "train": entry["train"]}, 0
+            average.float().save_pretrained(best_dir)
+        else:
+            evals_since_best += 1
 
     bar = _progress(step, end, progress and main)
     window_start, window_steps = time.perf_counter(), 0
@@ -638,12 +675,14 @@ def train_transformer(
                     average = averaged_model()
                     if average is not None:
                         entry = evaluate_fit(average)
+                        track_best(average, entry)
                         row["train_bits_per_image_token"] = entry["train"]
                         if entry["val"] is not None:
                             row["val_bits_per_image_token"] = row["eval_bits_per_image_token"] = entry["val"]
                         if dvae is not None:
-                            save_sample_grid(average, dvae, tokenizer, sample_captions,
-                                             out_dir / "samples" / f"transformer_step{step:06d}.png", seed=seed)
+                            grid_path = out_dir / "samples" / f"transformer_step{step:06d}.png"
+                            save_sample_grid(average, dvae, tokenizer, sample_captions, grid_path, seed=seed)
+                            log_image(out_dir / "logs", "transformer", "samples", grid_path, step)
                     dd.barrier(info)
                 if log is not None:
                     log.write(row)
@@ -654,8 +693,18 @@ def train_transformer(
                 window_sum, window_count = 0.0, 0
             if bar is not None:
                 bar.update(1)
-            if step % checkpoint_every == 0 or step == end:
+            patience = train_cfg.transformer_patience
+            if step % sample_every == 0 and patience and step < end:
+                # Rank 0 evaluated; every rank must take the same decision.
+                stopped_early = bool(dd.broadcast_object(evals_since_best >= patience if main else None, info))
+            if step % checkpoint_every == 0 or step == end or stopped_early:
                 save_checkpoint()
+            if stopped_early:
+                if main:
+                    print(f"transformer: stopping early at step {step}: validation bits per image token have not "
+                          f"improved for {evals_since_best} evaluations since step {best['step']} "
+                          f"({best['val']:.3f})")
+                break
     finally:
         if log is not None:
             log.close()
@@ -665,16 +714,21 @@ def train_transformer(
     if step != saved_step:  # stopped by the time budget between checkpoints
         save_checkpoint()
     export = out_dir / "transformer"
-    exporting = step >= total or time_up  # an interrupted run (stop_after) is not exported
+    exporting = step >= total or time_up or stopped_early  # an interrupted run (stop_after) is not exported
     average = averaged_model() if exporting else None
     if main:
         plot_losses(log_path, log_path.with_suffix(".png"))
         if average is not None:
-            average.float().save_pretrained(export)
             if not history or history[-1]["step"] != step:  # stopped by the time budget after the last evaluation
-                evaluate_fit(average)
+                track_best(average, evaluate_fit(average))
+            exported = history[-1]
+            if best is not None and best["step"] != step and (best_dir / "model.safetensors").is_file():
+                average = DalleTransformer.from_pretrained(best_dir, device=device)  # the best validation weights
+                exported = next((h for h in history if h["step"] == best["step"]), best)
+            average.float().save_pretrained(export)
             _fit_report(out_dir, history, n_train=n_train, n_val=len(val_indices), n_probe=len(train_probe),
-                        parameters=sum(p.numel() for p in average.parameters()), batch_size=batch_size, config=config)
+                        parameters=sum(p.numel() for p in average.parameters()), batch_size=batch_size, config=config,
+                        exported=exported, stopped_early=stopped_early)
     dd.barrier(info)
     if not sharded:  # replicated weights must agree bit for bit; a drift is a bug worth reporting loudly
         dd.check_replicas_identical(model, info, "model")
@@ -683,12 +737,20 @@ def train_transformer(
 
 
 def _fit_report(out_dir: Path, history: list[dict[str, Any]], *, n_train: int, n_val: int, n_probe: int,
-                parameters: int, batch_size: int, config: DalleConfig) -> Path:
-    """Diagnose the run from its evaluations; write ``logs/transformer_fit.json`` and print it."""
+                parameters: int, batch_size: int, config: DalleConfig, exported: dict[str, Any] | None = None,
+                stopped_early: bool = False) -> Path:
+    """Diagnose the exported weights from the evaluations up to theirs; write ``logs/transformer_fit.json``.
+
+    ``exported``: the evaluation whose weights were exported (default the last); the report
+    judges those weights, and says when later evaluations were worse (early stopping).
+    """
     tcfg = config.transformer
-    last = history[-1]
+    last_step = history[-1]["step"]
+    exported = exported or history[-1]
+    upto = [h for h in history if h["step"] <= exported["step"]] or history[-1:]
+    last = upto[-1]
     passes = last["step"] * batch_size / n_train
-    diagnoses = diagnose_transformer(history, train_items=n_train, parameters=parameters, image_len=tcfg.image_len,
+    diagnoses = diagnose_transformer(upto, train_items=n_train, parameters=parameters, image_len=tcfg.image_len,
                                      image_vocab=tcfg.image_vocab)
     seen = f"{n_train} training images, each seen {passes:.1f} times"
     if last["val"] is None:
@@ -697,7 +759,13 @@ def _fit_report(out_dir: Path, history: list[dict[str, Any]], *, n_train: int, n
     else:
         summary = (f"{last['val']:.3f} bits per image token on {n_val} validation images, {last['train']:.3f} on "
                    f"{n_probe} training images at step {last['step']} ({seen})")
-    figures = {"step": last["step"], "train_items": n_train, "val_items": n_val, "parameters": parameters,
+    if last["step"] != last_step:
+        worse = max(h["val"] for h in history if h["step"] > last["step"] and h["val"] is not None)
+        summary += (f"; exported the weights of step {last['step']}, the best on validation images: "
+                    f"{'stopped early at' if stopped_early else 'ran to'} step {last_step}, with later "
+                    f"evaluations up to {worse:.3f}")
+    figures = {"step": last["step"], "last_step": last_step, "stopped_early": stopped_early,
+               "train_items": n_train, "val_items": n_val, "parameters": parameters,
                "passes": round(passes, 2), "val_bits_per_image_token": last["val"],
                "train_bits_per_image_token": last["train"], "history": history}
     return write_fit_report(out_dir, "transformer", summary, figures, diagnoses)

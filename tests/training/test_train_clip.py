@@ -13,7 +13,7 @@ from PIL import Image
 
 from dalle.clip import CLIP
 from dalle.config import CLIPConfig, DalleConfig, TrainConfig
-from dalle.training.clip import (caption_positives, diagnose_clip, draw_batch, evaluate_clip, image_to_tensor,
+from dalle.training.clip import (augmented_image, caption_positives, diagnose_clip, draw_batch, evaluate_clip, image_to_tensor,
                                  retrieval_at_1, train_clip)
 
 COLOURS = {"red": (230, 25, 25), "blue": (40, 70, 230)}
@@ -158,9 +158,12 @@ class CrashingDataset(list):
         return super().__getitem__(index)
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("regularised", [False, True], ids=["plain", "crops-dropout-decay"])
+def test_resume_is_exact(tmp_path, regularised):
     data = toy_dataset(24, seed=1)
     config = toy_config(steps=7, batch=6)
+    if regularised:  # the random crops and dropout draws are replayed exactly too
+        config.train.clip_crop_scale, config.train.clip_weight_decay, config.clip.dropout = (0.6, 0.9), 0.3, 0.2
     straight = CLIP.from_pretrained(train_clip(data, TOKENIZER, tmp_path / "a", config, log_every=2))
 
     # Dies while drawing the sixth step's batch; the last checkpoint is after four steps.
@@ -308,3 +311,25 @@ def test_diagnose_clip_memorising_beyond_the_noise():
     assert clip_codes(train_r1=0.9, val_r1=0.75) == set()  # 15 points: within the margin
     # 100% against 50% on two captions each is a coin toss, not evidence.
     assert clip_codes(train_r1=1.0, val_r1=0.5, captions=2) == set()
+
+
+def test_augmented_views_are_crops_drawn_from_seed_step_and_index():
+    image = toy_image("red", "left")
+    plain = augmented_image(image, SIZE, (1.0, 1.0), seed=0, step=0, index=0)
+    assert torch.equal(plain, image_to_tensor(image, SIZE))  # (1, 1): no augmentation
+    view = lambda step, index: augmented_image(image, SIZE, (0.5, 0.8), seed=0, step=step, index=index)  # noqa: E731
+    assert torch.equal(view(3, 1), view(3, 1))
+    assert not torch.equal(view(3, 1), view(3, 2)) and not torch.equal(view(3, 1), plain)
+    assert view(3, 1).shape == (3, SIZE, SIZE)
+    # Never mirrored: over many views the red square's centre stays in the left half.
+    for step in range(20):
+        red = (view(step, 0)[0] > 0.5) & (view(step, 0)[2] < 0.5)
+        if red.any():
+            assert red.nonzero()[:, 1].float().mean() < SIZE / 2
+
+
+def test_bad_crop_scale_is_refused(tmp_path):
+    config = toy_config()
+    config.train.clip_crop_scale = (0.9, 0.5)
+    with pytest.raises(ValueError, match="train.clip_crop_scale"):
+        train_clip(toy_dataset(4), TOKENIZER, tmp_path, config)

@@ -194,3 +194,33 @@ def test_diagnose_dvae_blurry_reconstructions():
 def test_diagnose_dvae_memorising():
     assert dvae_codes(train_psnr=31.0, val_psnr=27.5) == {"memorising"}  # 3.5 dB: over twice the error
     assert dvae_codes(train_psnr=31.0, val_psnr=29.0) == set()
+
+
+def test_diagnose_dvae_judges_blur_against_the_data():
+    # The issue's case: above the fixed 20 dB line, yet blurry on its real images.
+    found = diagnose_dvae(train_psnr=21.2, val_psnr=20.9, codes_used=511, tokens=16384, codebook_size=512,
+                          edge_retention=0.5, baseline_psnr=11.5, grid=8, image_size=64)
+    assert [d.code for d in found] == ["blurry"]
+    assert "50% of the images' edges" in found[0].message and "finer token grid" in found[0].message
+    assert "--set dvae.num_groups=3" in found[0].message and "16x16 tokens at 64 px" in found[0].message
+    # Already at 4x down-sampling: a wider dVAE, not an even finer grid.
+    found = diagnose_dvae(train_psnr=21.2, val_psnr=20.9, codes_used=900, tokens=65536, codebook_size=1024,
+                          edge_retention=0.5, baseline_psnr=14.1, grid=16, image_size=64)
+    assert "wider dVAE" in found[0].message and "finer token grid" not in found[0].message
+    # Barely better than shrinking each image to the token grid: blurry, whatever the dB.
+    assert dvae_codes(val_psnr=24.0, train_psnr=24.2, baseline_psnr=22.0, edge_retention=0.9) == {"blurry"}
+    # Sharp: edges kept and well above the baseline.
+    assert dvae_codes(val_psnr=27.5, train_psnr=27.8, baseline_psnr=14.0, edge_retention=0.82) == set()
+
+
+def test_reconstruction_figures_measure_edges_and_the_grid_baseline():
+    from dalle.training.dvae import edge_retention, grid_baseline
+
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(4, 3, 32, 32, generator=g) > 0.5).float()  # sharp edges everywhere
+    assert edge_retention(images, images) == pytest.approx(1.0)
+    assert edge_retention(torch.full_like(images, 0.5), images) == pytest.approx(0.0)
+    blurred = grid_baseline(images, 8)
+    assert blurred.shape == images.shape and edge_retention(blurred, images) < 0.3
+    noisy = (images + 0.05 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    assert edge_retention(noisy, images) > 0.9  # noise does not pass for detail, nor hide it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import shutil
@@ -171,30 +172,67 @@ def noisy_scenes(n: int, noise: float = 0.5, seed: int = 0) -> list[tuple[torch.
 
 
 @pytest.mark.parametrize("items, steps, memorises", [(24, 300, True), (400, 150, False)])
-def test_fit_report_names_memorising_on_a_small_set_only(setup, tmp_path, items, steps, memorises):
-    """End to end: the tiny preset on 24 items (4 held out) for 120 passes learns their noise by heart
-    and the report says so; on 400 items for 3 passes it generalises and the report is quiet."""
+def test_fit_report_and_export_follow_the_validation_loss(setup, tmp_path, items, steps, memorises):
+    """End to end: the tiny preset on 24 items (4 held out) for 120 passes learns their noise by heart,
+    so validation rises after a while: the export is the best-validation weights and the report says
+    later evaluations were worse.  On 400 items for 3 passes it generalises and the report is quiet."""
     config, _, _ = setup
+    config = copy.deepcopy(config)
+    config.train.transformer_patience = 0  # run on to the end: early stopping has its own test
     data = noisy_scenes(items)
     tokenizer = TextTokenizer.train([c for _, caps in data for c in caps], config.tokenizer)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and far faster on a busy machine
     try:
-        train_transformer(data, tokenizer, tmp_path, config, steps=steps, log_every=1000, sample_every=steps // 5,
-                          autocast=False, progress=False)
+        out = train_transformer(data, tokenizer, tmp_path, config, steps=steps, log_every=1000,
+                                sample_every=steps // 5, autocast=False, progress=False)
     finally:
         torch.set_num_threads(threads)
     fit = json.loads((tmp_path / "logs" / "transformer_fit.json").read_text())
     codes = {d["code"] for d in fit["diagnoses"]}
     assert fit["val_items"] == (4 if items == 24 else 16)
-    assert len(fit["history"]) == 5
+    assert len(fit["history"]) == 5 and fit["last_step"] == steps and not fit["stopped_early"]
+    best = min(fit["history"], key=lambda h: h["val"])
+    assert (fit["step"], fit["val_bits_per_image_token"]) == (best["step"], best["val"])
+    exported = load_file(out / "model.safetensors")
     if memorises:
-        assert {"memorising", "too_little_data"} <= codes, fit
-        assert fit["val_bits_per_image_token"] > 2 * fit["train_bits_per_image_token"]
-        assert "rising since step" in next(d["message"] for d in fit["diagnoses"] if d["code"] == "memorising")
+        last = fit["history"][-1]
+        assert last["val"] > 2 * last["train"]  # the last weights learnt the training noise by heart ...
+        assert best["step"] < steps and "exported the weights of step" in fit["summary"]
+        # ... and are not the ones exported: those are the best evaluation's, judged on their own figures.
+        kept = load_file(tmp_path / "checkpoints" / "transformer_best" / "model.safetensors")
+        assert all(torch.equal(exported[k], kept[k]) for k in exported)
+        assert "memorising" not in codes or best["val"] > 2 * best["train"]
     else:
         assert not codes, fit
         assert fit["val_bits_per_image_token"] < 1.1 * fit["train_bits_per_image_token"]
+
+
+def test_early_stopping_ends_the_run_when_validation_rises_and_resumes_exactly(setup, tmp_path):
+    config, _, _ = setup
+    config = copy.deepcopy(config)
+    config.train.transformer_patience = 1
+    data = noisy_scenes(24)
+    tokenizer = TextTokenizer.train([c for _, caps in data for c in caps], config.tokenizer)
+    kw = dict(steps=300, log_every=1000, sample_every=30, autocast=False, progress=False, checkpoint_every=60)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        straight = train_transformer(data, tokenizer, tmp_path / "a", config, **kw)
+        fit = json.loads((tmp_path / "a" / "logs" / "transformer_fit.json").read_text())
+        assert fit["stopped_early"] and fit["last_step"] < 300
+        vals = [h["val"] for h in fit["history"]]
+        assert vals[-1] >= min(vals[:-1]) and fit["val_bits_per_image_token"] == min(vals)
+        assert fit["last_step"] == fit["step"] + 30  # one evaluation without improvement
+        # Killed after the first checkpoint, resumed: the same stop, the same exported weights.
+        train_transformer(data, tokenizer, tmp_path / "b", config, stop_after=60, **kw)
+        resumed = train_transformer(data, tokenizer, tmp_path / "b", config, resume=True, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fit_b = json.loads((tmp_path / "b" / "logs" / "transformer_fit.json").read_text())
+    assert (fit_b["step"], fit_b["last_step"]) == (fit["step"], fit["last_step"])
 
 
 def history(*points: tuple[float, float | None]) -> list[dict]:
