@@ -425,6 +425,9 @@ class DalleServer(ThreadingHTTPServer):
     """The HTTP server plus the one worker that owns the pipeline."""
 
     daemon_threads = True  # a stuck client must not keep the process alive
+    # Connections waiting to be accepted.  socketserver's default of 5 overflowed under the soak
+    # test's 20 users on 2 busy cores: the kernel dropped handshakes and clients saw resets.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], pipeline: Any, limits: Limits, quiet: bool = False):
         self.pipeline = pipeline
