@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 import types
@@ -226,6 +227,17 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    """How the training data is read (every stage reads it the same way)."""
+
+    # Largest share of the data set's items that may be unusable (unreadable images, items
+    # without a caption, samples lost in a broken shard) before training stops and lists
+    # them.  Checked over the whole set before the first stage, so no stage trains on data
+    # a later one refuses.  ``dalle train --set data.max_bad_fraction=0.2`` raises it.
+    max_bad_fraction: float = 0.05
+
+
+@dataclass
 class DalleConfig:
     """All components of one model folder."""
 
@@ -234,6 +246,7 @@ class DalleConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def check(self) -> None:
         """Raise :class:`ConfigError` if the components disagree with each other."""
@@ -251,6 +264,8 @@ class DalleConfig:
             problems.append("clip text vocabulary/length differ from the tokenizer's")
         if cl.image_size != dv.image_size:
             problems.append(f"clip.image_size={cl.image_size} but dvae.image_size={dv.image_size}")
+        if not 0.0 <= self.data.max_bad_fraction <= 1.0:
+            problems.append(f"data.max_bad_fraction={self.data.max_bad_fraction} must be between 0 and 1")
         if not 0.0 <= tr.null_caption_fraction < 1.0:
             problems.append(f"transformer.null_caption_fraction={tr.null_caption_fraction} must be in [0, 1) "
                             "(0.1 is the presets' share of null captions)")
@@ -287,6 +302,8 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") 
             if isinstance(default, (int, float)) and not isinstance(default, bool):
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     raise ConfigError(f"{where}.{name}: expected a number, got {value!r}")
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{where}.{name}: expected a finite number, got {value!r}")
                 value = type(default)(value) if isinstance(default, float) else value
             kwargs[name] = value
     return cls(**kwargs)
@@ -306,8 +323,10 @@ def load_config(cls: type[T], path: str | Path) -> T:
         raise ConfigError(f"missing config file {path}")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if isinstance(data, dict):
+        data.pop("checksums", None)  # an export's checksums of its files (dalle.io), not a config field
     return config_from_dict(cls, data, str(path))
 
 
@@ -418,9 +437,12 @@ def parse_field_value(tp: Any, text: str, where: str) -> Any:
             return int(value)
     if tp is float:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise bad from None
+        if not math.isfinite(value):
+            raise ConfigError(f"--set {where}: give a finite number, got {text!r}")
+        return value
     if tp is str:
         return text
     raise ConfigError(f"--set {where}: fields of type {_type_name(tp)} cannot be set from the command line")
