@@ -109,6 +109,31 @@ def quality_section(report: dict, title: str, command: str) -> list[str]:
     return lines
 
 
+def dvae_sweep_section(rows: list[dict], notes: str | None) -> list[str]:
+    """The table of benchmarks/sweep_dvae.py runs (results/sweep_dvae.jsonl) and the notes beside it."""
+    lines = ["## dVAE recipe sweep: which lever matters (shapes set, 1 thread a run, shared CPU)", ""]
+    if notes:
+        lines += [notes.strip(), ""]
+    lines += ["| runs side by side | run | quantizer | likelihood | beta | samples | tau, beta warm-up (share of run) | peak step size | budget (min) | steps "
+              "| trained (min) | s/step | load avg (start, end) | held-out PSNR | codes used (held out) | perplexity |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        o = r["overrides"]
+        gumbel = o.get("dvae.quantizer", "vq") == "gumbel"
+        quantizer = "Gumbel" if gumbel else "VQ (shapes preset)"
+        likelihood = o.get("dvae.recon_loss", "mse")
+        beta = o.get("dvae.kl_weight", 0.2) if gumbel else "-"
+        samples = ("straight-through" if o.get("dvae.straight_through", True) else "soft") if gumbel else "-"
+        lr = o.get("train.dvae_lr", 2e-3)
+        shares = (f"{o.get('train.dvae_temperature_fraction', 0.05):g}, {o.get('train.dvae_kl_warmup_fraction', 0.05):g}"
+                  if gumbel else "-")
+        load = ", ".join(f"{x:g}" for x in r["load_avg"])
+        lines.append(f"| {r.get('group', '')} | {r['name']} | {quantizer} | {likelihood} | {beta} | {samples} | {shares} | {lr:g} "
+                     f"| {r['minutes']:g} | {r['steps']} | {r['train_seconds'] / 60:.1f} | {r['s_per_step']:.2f} | {load} | {r['psnr']:.2f} dB "
+                     f"| {pct(r['codebook_usage'])} | {r['perplexity']:.1f} |")
+    return lines + [""]
+
+
 def guidance_section(report: dict | None) -> list[str]:
     """Fidelity and sampling time against the classifier-free guidance scale (benchmarks/bench_guidance.py)."""
     lines = ["## Classifier-free guidance (beyond the paper)", ""]
@@ -179,6 +204,52 @@ def relation_probe_section(report: dict | None, cosine: dict | None = None) -> l
     return lines
 
 
+def dvae_grid_section() -> list[str]:
+    """benchmarks/bench_dvae_grid.py's table (results/dvae_grid/*.json) inside its notes."""
+    notes = saved("dvae_grid_notes.md")
+    if not notes or not any((RESULTS / "dvae_grid").glob("*.json")):
+        return []
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_dvae_grid import table
+
+    return [*notes.replace("{table}", table()).rstrip().splitlines(), ""]
+
+
+def registry_art_section() -> list[str]:
+    """The registry-art target run: its eval --data report and fit reports (results/registry_art/)."""
+    notes, report = saved("registry_art/notes.md"), load("registry_art/eval.json")
+    fits = {stage: load(f"registry_art/{stage}_fit.json") for stage in ("dvae", "transformer", "clip")}
+    if not notes or not report or not all(fits.values()):
+        return []
+    dv, tr, cl, gen = report["dvae"], report["transformer"], report["clip"], report["generated"]
+    cp = gen["copying"]
+    grid = (load("registry_art/dalle.json") or {}).get("transformer", {}).get("image_grid", "?")
+    ratio = gen["r_precision"] / gen["real_r_precision"] if gen["real_r_precision"] else float("nan")
+    table = "\n".join([
+        f"| stage | figure (held-out {report['data']['held_out_items']} pictures) | training pictures | target |",
+        "| --- | --- | --- | --- |",
+        f"| dVAE ({fits['dvae']['step']} steps) | PSNR {dv['psnr']:.2f} dB, SSIM {dv['ssim']:.3f}, {dv['codes_used']} of "
+        f"{fits['dvae']['codebook_size']} codes ({pct(dv['codebook_usage'])}), {dv['edge_retention']:.0%} of edges kept "
+        f"(shrinking to {grid}x{grid} and back: {dv['baseline_psnr']:.2f} dB) | {fits['dvae']['train_psnr']:.2f} dB | "
+        f">= 27 dB: {'met' if dv['psnr'] >= 27 else '**missed**'} |",
+        f"| transformer ({fits['transformer']['step']} steps, each picture seen {fits['transformer']['passes']} times) | "
+        f"{tr['bits_per_image_token']:.3f} bits per image token | {tr['train_bits_per_image_token']:.3f} | "
+        f"not memorising: {'met' if not fits['transformer']['diagnoses'] else 'see the fit report'} |",
+        f"| CLIP ({fits['clip']['step']:,} steps) | R@1 among {cl['pool']} held-out pairs {pct(cl['r_at_1'])} (chance "
+        f"{pct(cl['chance'])}); among {fits['clip']['pool']}: {fits['clip']['val_r_at_1']:.0%} | among "
+        f"{fits['clip']['pool']}: {fits['clip']['train_r_at_1']:.0%} | not memorising (the fit report's test): "
+        f"{'met' if not fits['clip']['diagnoses'] else 'see the fit report'} |",
+        f"| generated, top of {gen['candidates']} after reranking, {gen['captions']} held-out captions | R-precision among "
+        f"{gen['pool']}: {pct(gen['r_precision'])}, against {pct(gen['real_r_precision'])} for the real held-out pictures "
+        f"(self-judged by the model's CLIP) | | >= half the real: {'met' if ratio >= 0.5 else '**missed**'} ({ratio:.0%}) |",
+        f"| copying | nearest training picture: generated {cp['generated_nearest_train_rms']['median']:.3f} RMS (median), "
+        f"real held-out {cp['real_nearest_train_rms']['median']:.3f}; copies (nearest under half the next nine): "
+        f"generated {cp['generated_copies']:.0%}, real {cp['real_copies']:.0%} | | no copying: "
+        f"{'met' if cp['generated_copies'] <= cp['real_copies'] else 'see the report'} |",
+    ])
+    return [*notes.replace("{table}", table).rstrip().splitlines(), ""]
+
+
 def gpu_section(bench: dict) -> list[str]:
     meta = bench.get("meta") or next((v for v in bench.values() if isinstance(v, dict) and "device" in v), {})
     lines = ["## One GPU", ""]
@@ -236,6 +307,12 @@ def main() -> None:
     if dvae:
         lines += ["## dVAE: Gumbel-softmax against VQ-VAE (2 CPU cores)", "", "`" + dvae.splitlines()[0] + "`", "", "```",
                   *dvae.splitlines()[1:], "```", ""]
+    lines += dvae_grid_section()
+    lines += registry_art_section()
+    sweep = saved("sweep_dvae.jsonl")
+    if sweep:
+        rows = [json.loads(line) for line in sweep.splitlines() if line.strip()]
+        lines += dvae_sweep_section(rows, saved("sweep_dvae_notes.md"))
     lines += [
         "## Transformer on 2 CPU cores",
         "",
@@ -247,6 +324,18 @@ def main() -> None:
         transformer.strip(),
         "```",
         "",
+    ]
+    sparse_runs = [(name, saved(name)) for name in ("bench_transformer_1thread_before.txt", "bench_transformer_1thread.txt",
+                                                   "bench_transformer_1thread_repeats5.txt")]
+    if any(text for _, text in sparse_runs):
+        lines += ["## Sparse schedule (row / column / conv) against dense attention, 1 thread", ""]
+        notes = saved("bench_transformer_1thread_notes.md")
+        if notes:
+            lines += [notes.strip(), ""]
+        for name, text in sparse_runs:
+            if text:
+                lines += [f"`benchmarks/results/{name}`:", "", "```", text.strip(), "```", ""]
+    lines += [
         "## Tokenizer on 2 CPU cores",
         "",
         "`.venv/bin/python benchmarks/bench_tokenizer.py`:",

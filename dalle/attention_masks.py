@@ -12,20 +12,39 @@ Every kind shares the same text part:
 * no text position attends to an image position (the stream is causal).
 
 The kinds differ only in which *image* tokens an image token sees.  Writing image
-token ``j`` as ``(r, c) = divmod(j, grid)``, query ``(r, c)`` may attend to key
-``(r', c')`` with raster index ``j' <= j`` (always causal) when:
+token ``j`` as ``(r, c) = divmod(j, grid)`` and ``d = j - j'`` for the raster distance to
+key ``j'``, query ``j`` may attend to key ``j'`` (always causal, ``d >= 0``) when:
 
 * ``full``:   always (dense causal attention).
-* ``row``:    ``j - grid < j' <= j`` -- the previous ``grid`` tokens in raster order,
-  itself included: a causal window one image row wide.  This is the Sparse
-  Transformer's "local" pattern with stride = row width, and what the paper's
-  figure 11(a) draws as a band of width one row.
+* ``row``:    ``d <= grid``, i.e. ``j - grid <= j' <= j`` -- a causal window of
+  ``grid + 1`` tokens in raster order, itself included.  The caption of the paper's
+  figure 11 (a 4 x 4 grid): "each image token attends to the previous 5 image tokens in
+  raster order. The extent is chosen to be 5, so that the last token being attended to is
+  the one in the same column of the previous row".  The window wraps around the row
+  edge: token ``(1, 0)`` sees ``(0, 0) .. (0, 3)`` and itself.
 * ``column``: ``c' == c`` and ``r' <= r`` -- the same column, from the top row down to
   itself (figure 11(b); the paper transposes image states to make this a row
   pattern on hardware, which changes nothing about *which* tokens are attended).
-* ``conv``:   ``|r' - r| <= k // 2`` and ``|c' - c| <= k // 2`` for the odd kernel size
-  ``k`` -- the causal half of the ``k x k`` neighbourhood centred on the token
-  (figure 11(d); the paper uses ``k = 11``).
+* ``conv``:   the causal half of a ``k x k`` kernel (odd ``k``, ``h = k // 2``; the paper's
+  model uses 11 x 11, its figure 3 x 3), laid out in raster order: kernel cell
+  ``(dr, dc)``, ``-h <= dr <= 0``, ``-h <= dc <= h``, is the key at raster distance
+  ``d = -(dr * grid + dc)``.  So ``d = m * grid + e`` for some ``0 <= m <= h`` and
+  ``|e| <= h``: ``h + 1`` diagonal bands of the mask, each ``2h + 1`` wide (the first
+  cut in half by causality).
+
+  Figure 11(d) is "a causal convolutional attention pattern with wraparound behavior
+  (similar to the row attention)".  The row attention's wraparound is raster order
+  itself: its window is a fixed run of raster distances, so at the start of a row it
+  continues at the end of the previous one.  We read the convolution the same way --
+  every kernel cell is a fixed raster distance, the same for every token -- so a kernel
+  that leaves the image on the left continues on the right end of the row above, and
+  one that leaves it on the right continues on the left end of the row below (never
+  past the token itself: causal).  No token's window is clipped: every token far enough
+  from the top sees the same ``h * (2h + 1) + h + 1`` keys, as every token past the
+  first row sees ``grid + 1`` under the row mask.  (ai-forever's ru-dalle reads the
+  wraparound as a torus instead -- row and column taken modulo ``grid``, then causal --
+  which also lets the bottom rows see the top ones; we keep the raster reading the
+  phrase "similar to the row attention" describes.)
 
 The paper's schedule (:func:`layer_schedule`): layer ``i`` (0-based) uses ``column``
 when ``(i - 2) % 4 == 0``, ``conv`` in the last layer and ``row`` elsewhere.
@@ -79,10 +98,10 @@ def image_mask(kind: str, grid: int, conv_kernel: int = 11) -> torch.Tensor:
         x x . . . . . . . . . . . . . .
         x x x . . . . . . . . . . . . .
         x x x x . . . . . . . . . . . .
-        . x x x x . . . . . . . . . . .     token (1,0) sees (0,1) (0,2) (0,3) (1,0)
-        . . x x x x . . . . . . . . . .
-        . . . x x x x . . . . . . . . .
-        ...                                 (a band of width grid)
+        x x x x x . . . . . . . . . . .     token (1,0) sees all of row 0 and itself:
+        . x x x x x . . . . . . . . . .     the previous 5 in raster order, the last of
+        . . x x x x x . . . . . . . . .     them (0,0) in its column (figure 11(a))
+        ...                                 (a band of width grid + 1)
 
     ``column``::
 
@@ -95,13 +114,24 @@ def image_mask(kind: str, grid: int, conv_kernel: int = 11) -> torch.Tensor:
         ...
         x . . . x . . . x . . . x . . .     token (3,0) sees its whole column so far
 
-    ``conv`` with ``k = 3`` (the causal half of the 3 x 3 neighbourhood)::
+    ``conv`` with ``k = 3``: raster distances 0, 1 (the kernel's own row) and
+    grid - 1, grid, grid + 1 (the row above), two bands::
 
-        token (2,2) sees the keys marked on the grid:
-            . . . .
-            . x x x
-            . x x .
-            . . . .
+        x . . . . . . . . . . . . . . .
+        x x . . . . . . . . . . . . . .
+        . x x . . . . . . . . . . . . .
+        x . x x . . . . . . . . . . . .
+        x x . x x . . . . . . . . . . .     token (1,0) sees (0,0) (0,1) above, and
+        x x x . x x . . . . . . . . . .     (0,3) -- its left neighbour, wrapped round
+        ...
+
+    On a 5 x 5 grid, ``k = 3``, the keys of (1,1), of (1,4) and of (2,0)::
+
+        x x x . .      . . . x x      . . . . x
+        x x . . .      x . . x x      x x . . x
+        . . . . .      . . . . .      x . . . .
+
+    (1,4)'s upper-right cell wraps to (1,0); (2,0)'s left cells wrap to the row above's end.
     """
     _check(kind, 1, grid, conv_kernel)
     n = grid * grid
@@ -111,14 +141,23 @@ def image_mask(kind: str, grid: int, conv_kernel: int = 11) -> torch.Tensor:
     if kind == "full":
         return causal
     if kind == "row":
-        return causal & (k > q - grid)
-    r, c = j // grid, j % grid
+        return causal & (q - k <= grid)
     if kind == "column":
-        return causal & (c[:, None] == c[None, :])
+        return causal & (q % grid == k % grid)
+    return causal & conv_window(q - k, grid, conv_kernel)
+
+
+def conv_window(d: torch.Tensor, grid: int, conv_kernel: int) -> torch.Tensor:
+    """Whether raster distance ``d >= 0`` is a cell of the causal ``conv_kernel`` window (see module doc).
+
+    ``d = m * grid + e`` with ``0 <= m <= h`` and ``|e| <= h`` (``h = conv_kernel // 2``):
+    ``d`` is at most ``h * grid + h`` and lies within ``h`` of a multiple of ``grid``.
+    (When ``grid <= 2h + 1`` the bands touch and the test is the bound alone.)
+    Only meaningful for ``d >= 0``; callers combine it with causality.
+    """
     h = conv_kernel // 2
-    near_r = (r[:, None] - r[None, :]).abs() <= h
-    near_c = (c[:, None] - c[None, :]).abs() <= h
-    return causal & near_r & near_c
+    offset = d % grid
+    return (d <= h * grid + h) & ((offset <= h) | (offset >= grid - h))
 
 
 @lru_cache(maxsize=64)
@@ -209,7 +248,6 @@ def mask_mod(
     _check(kind, text_len, grid, conv_kernel)
     if column_major and (kind != "column" or order is not None):
         raise ValueError("column_major=True is for kind='column' without an order table")
-    half = conv_kernel // 2
 
     if column_major:
         def allowed_column_major(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -226,11 +264,11 @@ def mask_mod(
             return causal
         jq, jk = q - text_len, k - text_len  # image raster indices (negative on text positions)
         if kind == "row":
-            image = jq - jk < grid
+            image = jq - jk <= grid
         elif kind == "column":
             image = (jq % grid) == (jk % grid)
         else:  # conv
-            image = ((jq // grid - jk // grid).abs() <= half) & ((jq % grid - jk % grid).abs() <= half)
+            image = conv_window(jq - jk, grid, conv_kernel)
         # A text key is allowed whenever it is causal; an image key (hence an image query) by its kind.
         return causal & ((k < text_len) | image)
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,12 +38,46 @@ def _bounded(kind: type, low: float | None = None, high: float | None = None, na
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {text}")
         if (low is not None and value < low) or (high is not None and value > high):
             span = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
             raise argparse.ArgumentTypeError(f"{name} must be in {span}, got {text}")
         return value
 
     return parse
+
+
+SEED_MAX = 2**63 - 1  # torch's generators take 64-bit seeds; the page uses the same range
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed takes a whole number, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"--seed must be between 0 and {SEED_MAX} (2**63 - 1), got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A torch device name that exists on this machine (checked here, not after the model is loaded)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"--device {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"--device {text}: no CUDA GPU is available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"--device {text}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"--device {text}: MPS is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"--device {text}: use cpu, cuda or cuda:N")
+    return text
 
 
 def _region(text: str) -> tuple[int, int]:
@@ -59,11 +95,11 @@ def _add_sampling_options(p: argparse.ArgumentParser, with_sampling: bool = True
     p.add_argument("--candidates", type=_bounded(int, 1, 4096, "--candidates"), default=32,
                    help="images sampled per prompt before reranking (default 32)")
     p.add_argument("--keep", type=_bounded(int, 1, 4096, "--keep"), default=4, help="best images kept per prompt (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
     p.add_argument("--batch-size", type=_bounded(int, 1, 4096, "--batch-size"), default=None,
                    help="candidates sampled at once (default: all)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda, ... (default: cuda if available)")
     if with_sampling:
         p.add_argument("--temperature", type=_bounded(float, 1e-3, 10.0, "--temperature"), default=1.0)
         p.add_argument("--top-k", type=_bounded(int, 1, None, "--top-k"), default=None)
@@ -101,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--count", type=_bounded(int, 1, None, "--count"), required=True)
     s.add_argument("--split", choices=["train", "val", "test"], default="train")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--workers", type=_bounded(int, 1, 64, "--workers"), default=None)
     s.set_defaults(func=cmd_data_shapes)
 
@@ -116,12 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--steps", type=_bounded(int, 1, None, "--steps"), default=None)
     budget.add_argument("--minutes", type=_bounded(float, 0.01, None, "--minutes"), default=None)
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds another run (moved to OUT/replaced/)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one field of the config (repeatable), e.g. --set dvae.codebook_size=1024; "
                         "stored in OUT/dalle.json. With --resume only fields that do not change a trained "
                         "component (train.*, dropout, loss weights, ...) are accepted")
-    t.add_argument("--device", default=None)
-    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--device", type=_device, default=None)
+    t.add_argument("--seed", type=_seed, default=None)
     t.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
                    help="under torchrun: replicate (ddp) or fully shard (fsdp) the transformer (default ddp)")
     t.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (GPU)")
@@ -146,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --data: training images the copying check compares with (default all)")
     e.add_argument("--held-out", type=_bounded(int, 100, None, "--held-out"), default=512,
                    help="held-out images for the dVAE, transformer and CLIP figures (default 512)")
-    e.add_argument("--device", default=None)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", type=_device, default=None)
+    e.add_argument("--seed", type=_seed, default=0)
     e.add_argument("--guidance", type=_bounded(float, 0.0, 100.0, "--guidance"), default=1.0,
                    help="classifier-free guidance scale of the generated candidates (1 = none)")
     e.set_defaults(func=cmd_eval)
@@ -186,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--model", type=Path, default=None)
     w.add_argument("--host", default="127.0.0.1")
     w.add_argument("--port", type=_bounded(int, 1, 65535, "--port"), default=7860)
-    w.add_argument("--device", default=None)
+    w.add_argument("--device", type=_device, default=None)
     w.set_defaults(func=cmd_serve)
     return parser
 
@@ -197,9 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = [p for p in args.prompt]
     if args.prompts is not None:
+        if args.prompts.is_dir():
+            raise UsageError(f"--prompts {args.prompts} is a folder; give a text file with one prompt a line")
         if not args.prompts.is_file():
             raise UsageError(f"--prompts file {args.prompts} does not exist")
-        from_file = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = args.prompts.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompts file {args.prompts} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                             "save it as UTF-8") from None
+        from_file = [line.strip() for line in text.splitlines() if line.strip()]
         if not from_file:
             raise UsageError(f"--prompts file {args.prompts} holds no prompt; write one prompt a line")
         prompts += from_file
@@ -216,7 +261,9 @@ def _check_keep(args: argparse.Namespace) -> None:
 
 
 def _load_pipeline(args: argparse.Namespace):
-    from dalle.pipeline import DallePipeline
+    from dalle.pipeline import DallePipeline, check_output_folder
+
+    check_output_folder(args.out)  # before the model loads and samples: a bad --out fails fast
 
     return DallePipeline.from_pretrained(args.model, device=args.device)
 
@@ -274,7 +321,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = train_component(args.component, data=args.data, out=args.out, preset=preset, steps=args.steps,
                           minutes=args.minutes, resume=args.resume, device=args.device, seed=args.seed,
                           strategy=args.strategy, compile=args.compile, dvae=args.dvae, clip=args.clip,
-                          overrides=args.overrides)
+                          overrides=args.overrides, overwrite=args.overwrite)
     print(f"trained {args.component}: {out}")
     return 0
 
@@ -326,11 +373,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from dalle.info import describe_model, describe_preset, describe_presets
 
+    problems: list[str] = []
     if args.presets:
         lines = describe_presets()
     else:
-        lines = describe_preset(args.preset) if args.preset else describe_model(args.model)
+        lines = describe_preset(args.preset) if args.preset else describe_model(args.model, problems)
     print("\n".join(lines))
+    if problems:
+        raise UsageError(f"{args.model} would not load: " + "; ".join(problems))
     return 0
 
 
@@ -359,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     debug = bool(os.environ.get("DALLE_DEBUG"))
+    if not debug:  # warnings as one plain line each, not the library line that raised them
+        warnings.formatwarning = lambda message, category, *rest, **kw: f"dalle {args.command}: warning: {message}\n"
     try:
         return args.func(args)
     except KeyboardInterrupt:

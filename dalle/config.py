@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 import types
@@ -177,7 +178,11 @@ class TrainConfig:
 
     dvae_steps: int = 3000
     dvae_batch: int = 32
-    dvae_lr: float = 1e-3
+    dvae_lr: float = 1e-3  # peak step size; cosine down to 1/80 of it (the paper: 1e-4 -> 1.25e-6)
+    # Shares of the dVAE run spent annealing the Gumbel temperature 1 -> 1/16 (the paper: its
+    # first 150k of 3M updates, 5%) and warming the KL weight up from 0 (the paper: 5k updates).
+    dvae_temperature_fraction: float = 0.05
+    dvae_kl_warmup_fraction: float = 0.05
     transformer_steps: int = 3000
     transformer_batch: int = 32
     transformer_lr: float = 1e-3
@@ -222,6 +227,17 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    """How the training data is read (every stage reads it the same way)."""
+
+    # Largest share of the data set's items that may be unusable (unreadable images, items
+    # without a caption, samples lost in a broken shard) before training stops and lists
+    # them.  Checked over the whole set before the first stage, so no stage trains on data
+    # a later one refuses.  ``dalle train --set data.max_bad_fraction=0.2`` raises it.
+    max_bad_fraction: float = 0.05
+
+
+@dataclass
 class DalleConfig:
     """All components of one model folder."""
 
@@ -230,6 +246,7 @@ class DalleConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def check(self) -> None:
         """Raise :class:`ConfigError` if the components disagree with each other."""
@@ -247,6 +264,8 @@ class DalleConfig:
             problems.append("clip text vocabulary/length differ from the tokenizer's")
         if cl.image_size != dv.image_size:
             problems.append(f"clip.image_size={cl.image_size} but dvae.image_size={dv.image_size}")
+        if not 0.0 <= self.data.max_bad_fraction <= 1.0:
+            problems.append(f"data.max_bad_fraction={self.data.max_bad_fraction} must be between 0 and 1")
         if not 0.0 <= tr.null_caption_fraction < 1.0:
             problems.append(f"transformer.null_caption_fraction={tr.null_caption_fraction} must be in [0, 1) "
                             "(0.1 is the presets' share of null captions)")
@@ -283,6 +302,8 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") 
             if isinstance(default, (int, float)) and not isinstance(default, bool):
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     raise ConfigError(f"{where}.{name}: expected a number, got {value!r}")
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{where}.{name}: expected a finite number, got {value!r}")
                 value = type(default)(value) if isinstance(default, float) else value
             kwargs[name] = value
     return cls(**kwargs)
@@ -302,8 +323,10 @@ def load_config(cls: type[T], path: str | Path) -> T:
         raise ConfigError(f"missing config file {path}")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if isinstance(data, dict):
+        data.pop("checksums", None)  # an export's checksums of its files (dalle.io), not a config field
     return config_from_dict(cls, data, str(path))
 
 
@@ -414,9 +437,12 @@ def parse_field_value(tp: Any, text: str, where: str) -> Any:
             return int(value)
     if tp is float:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise bad from None
+        if not math.isfinite(value):
+            raise ConfigError(f"--set {where}: give a finite number, got {text!r}")
+        return value
     if tp is str:
         return text
     raise ConfigError(f"--set {where}: fields of type {_type_name(tp)} cannot be set from the command line")
@@ -497,16 +523,20 @@ def paper() -> DalleConfig:
         dvae=DVAEConfig(),
         transformer=TransformerConfig(null_caption_fraction=PRESET_NULL_CAPTION_FRACTION),
         clip=CLIPConfig(text_layers=12, text_width=512, text_heads=8, image_layers=12, image_width=768, image_heads=12, embed_dim=512),
+        train=TrainConfig(dvae_lr=1e-4),  # appendix A.2: step size 1e-4 -> 1.25e-6
     )
 
 
 def _shapes_base(text_len: int = 32, vocab: int = 512) -> tuple[TokenizerConfig, DVAEConfig]:
     tok = TokenizerConfig(vocab_size=vocab, text_len=text_len)
-    # VQ with an MSE reconstruction: on this data it reached ~28 dB in 2,000 CPU steps where the
-    # Gumbel relaxation collapsed the codebook (benchmarks/bench_dvae.py compares both).  The
-    # paper's per-pixel-scale logit-Laplace got 16.8 dB in 1,000 steps (it sharpens the black
-    # background and gives up on objects).  For quantizer="gumbel" on this preset: straight-
-    # through samples and beta 0.2 on the MSE scale (the soft relaxation collapsed to one code).
+    # VQ with an MSE reconstruction, not the paper's Gumbel dVAE: side by side for 20 minutes on
+    # shared CPU cores (1 thread each, benchmarks/sweep_dvae.py, BENCHMARKS.md), VQ reached 23.4 dB
+    # with 88% of the codes on held-out images, the paper's recipe (logit-Laplace, beta 6.6
+    # warmed up, temperature 1 -> 1/16 over 5% of the run, soft relaxation) 13.0 dB with 15%: at
+    # beta 6.6 the posterior stays near uniform (KL ~0.002 nats a position), so the decoder learns
+    # the mean image; lower beta collapses the codebook instead.  For quantizer="gumbel" on this
+    # preset the fields below give straight-through samples and beta 0.2 on the MSE scale (the
+    # soft relaxation collapsed to one code there in earlier probes).
     dv = DVAEConfig(image_size=64, hidden_width=16, blocks_per_group=1, num_groups=4, codebook_size=512,
                     quantizer="vq", recon_loss="mse", kl_weight=0.2, straight_through=True)
     return tok, dv

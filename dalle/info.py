@@ -119,29 +119,43 @@ def describe_conversion(folder: Path) -> str | None:
     return f"converted from {record.get('converted_from', '?')}: {sources}{when}, not trained here"
 
 
-def describe_model(folder: Path) -> list[str]:
+def describe_model(folder: Path, problems: list[str] | None = None) -> list[str]:
+    """One line a component: its size, how its weights were verified (checksum), its config.
+
+    A component whose files are damaged gets a ``BROKEN`` line, and what is wrong with it is
+    appended to ``problems`` (``dalle info`` then fails, naming them).
+    """
     from dalle.io import ModelLoadError
     from dalle.pipeline import bundled_model_dir
 
     folder = Path(folder) if folder is not None else bundled_model_dir()
+    if folder.is_file():
+        raise ModelLoadError(f"{folder} is a file; give the model folder (the one holding tokenizer/, dvae/, transformer/)")
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist")
     if (folder / "config.json").is_file():  # one part's folder, e.g. the output of dalle convert
-        return [f"part {folder}", *_describe_part(folder, folder.name)]
+        return [f"part {folder}", *_describe_part(folder, folder.name, problems)]
     lines = [f"model {folder}"]
     for part in ("tokenizer", "dvae", "transformer", "clip"):
         if not (folder / part / "config.json").is_file():
             lines.append(f"{part}: missing")
             continue
-        lines += _describe_part(folder / part, part)
+        lines += _describe_part(folder / part, part, problems)
     return lines
 
 
-def _describe_part(folder: Path, name: str) -> list[str]:
-    weights = folder / "model.safetensors"
-    size = f", {weights.stat().st_size / 1e6:.1f} MB" if weights.is_file() else ""
-    config = json.dumps(json.loads((folder / "config.json").read_text()), separators=(",", ":"))
-    lines = [f"{name}{size}: {config}"]
+def _describe_part(folder: Path, name: str, problems: list[str] | None) -> list[str]:
+    from dalle.io import CHECKSUMS_KEY, check_export, read_json
+
+    problem, checksum = check_export(folder)
+    if problem is not None:
+        if problems is not None:
+            problems.append(f"{name}: {problem}")
+        return [f"{name}: BROKEN: {problem}"]
+    weights = next((folder / f for f in ("model.safetensors", "tokenizer.json") if (folder / f).is_file()), None)
+    size = f", {weights.stat().st_size / 1e6:.1f} MB" if weights is not None else ""
+    config = {k: v for k, v in read_json(folder / "config.json").items() if k != CHECKSUMS_KEY}
+    lines = [f"{name}{size}, {checksum}: {json.dumps(config, separators=(',', ':'))}"]
     conversion = describe_conversion(folder)
     if conversion:
         lines.append(f"{name}: {conversion}")

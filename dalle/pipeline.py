@@ -8,6 +8,8 @@ images ranked by CLIP, or completes part of an existing image.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
@@ -67,6 +69,8 @@ def pil_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
 def load_user_image(path: str | Path) -> Image.Image:
     """Open an image given by a user, with an error that says what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"image {path} is a folder; give an image file (PNG or JPEG)")
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     try:
@@ -79,6 +83,37 @@ def load_user_image(path: str | Path) -> Image.Image:
         if e.key is not None:
             raise
         raise BadImageError(e.reason, key=f"image {path}") from None  # say which file
+
+
+UNKNOWN_REFUSED = 0.5  # a prompt with more than this share of unknown words is refused
+
+
+def prompt_word_problem(tokenizer: TextTokenizer, prompt: str) -> tuple[str | None, str | None]:
+    """``(error, warning)`` about words of ``prompt`` the model's vocabulary cannot read.
+
+    Most words unknown: an error (the images would not depend on the prompt); some: a
+    warning naming them.  Both say what the model does read.
+    """
+    if not hasattr(tokenizer, "unknown_words"):
+        return None, None
+    unknown, total = tokenizer.unknown_words(prompt)
+    if not unknown:
+        return None, None
+    shown = ", ".join(repr(w) for w in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+    reads = f"it reads the words of its training captions, e.g. {', '.join(tokenizer.known_words(8))}"
+    if len(unknown) > UNKNOWN_REFUSED * total:
+        return (f"the model cannot read {len(unknown)} of the {total} words of this prompt ({shown}): its images would "
+                f"not follow it; {reads}"), None
+    return None, f"the model cannot read {shown} and ignores it; {reads}"
+
+
+def check_prompt_words(tokenizer: TextTokenizer, prompt: str, stacklevel: int = 2) -> None:
+    """Raise ValueError for a prompt the model mostly cannot read; warn about single unknown words."""
+    error, warning = prompt_word_problem(tokenizer, prompt)
+    if error:
+        raise ValueError(error)
+    if warning:
+        warnings.warn(warning, stacklevel=stacklevel)
 
 
 class DallePipeline:
@@ -169,6 +204,7 @@ class DallePipeline:
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         if not prompt or not prompt.strip():
             raise ValueError("the prompt is empty; write what the image should show")
+        check_prompt_words(self.tokenizer, prompt, stacklevel=4)
         ids, cut = self.tokenizer.encode_with_info(prompt)
         if cut:
             warnings.warn(f"prompt truncated: {cut} token(s) past the model's {self.tokenizer.text_len} were dropped",
@@ -264,21 +300,73 @@ class DallePipeline:
                             mask.to(self.device), progress, progress_callback, guidance)
 
 
-def write_results(results: Sequence[GenerationResult], out: str | Path) -> Path:
-    """Write kept images as PNG, one grid a prompt, and ``manifest.jsonl`` (shared/INTERFACE.md)."""
+MANIFEST = "manifest.jsonl"
+
+
+def check_output_folder(out: str | Path) -> Path:
+    """Make sure ``out`` can take images and a manifest, before any sampling (ValueError says why not).
+
+    An existing manifest must be readable, since :func:`write_results` appends to it.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = out / "manifest.jsonl"
-    with open(manifest, "w", encoding="utf-8") as f:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the images and {MANIFEST}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write to --out {out} ({e.strerror or e}); choose a folder you can write to") from None
+    manifest = out / MANIFEST
+    if manifest.exists():
+        try:
+            for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip() and not isinstance(json.loads(line), dict):
+                    raise ValueError
+        except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ValueError(f"{manifest} is not a manifest this program can add to; move it away or choose "
+                             "another --out") from None
+    return out
+
+
+def _free_name(out: Path, stem: str, taken: set[str]) -> str:
+    """``stem.png``, or ``stem_2.png``, ``stem_3.png``... when an earlier run wrote that name already."""
+    name, k = f"{stem}.png", 1
+    while name in taken or (out / name).exists():
+        k += 1
+        name = f"{stem}_{k}.png"
+    taken.add(name)
+    return name
+
+
+def write_results(results: Sequence[GenerationResult], out: str | Path) -> Path:
+    """Write kept images as PNG, one grid a prompt, and ``manifest.jsonl`` (shared/INTERFACE.md).
+
+    The manifest is appended to: a second run into the same folder adds its rows (and
+    never overwrites an earlier run's images: a taken name gets a number).  Each image is
+    written whole (under a temporary name, then renamed) before its row, and the row is
+    flushed at once, so a folder never holds a listed image that is missing.
+    """
+    out = check_output_folder(out)
+    manifest = out / MANIFEST
+    taken: set[str] = set()
+    with open(manifest, "a", encoding="utf-8") as f:
         for p_index, result in enumerate(results):
             stem = _slug(result.prompt)
             for rank, (image, score) in enumerate(zip(result.images, result.scores)):
-                name = f"{stem}_{p_index:03d}_s{result.seed}_r{rank}.png"
-                image.save(out / name)
+                name = _free_name(out, f"{stem}_{p_index:03d}_s{result.seed}_r{rank}", taken)
+                _save_png(image, out / name)
                 f.write(json.dumps({"prompt": result.prompt, "file": name, "rank": rank, "clip_score": float(score),
                                     "seed": result.seed}) + "\n")
-            make_grid(result.images).save(out / f"{stem}_{p_index:03d}_s{result.seed}_grid.png")
+                f.flush()
+            _save_png(make_grid(result.images), out / _free_name(out, f"{stem}_{p_index:03d}_s{result.seed}_grid", taken))
     return manifest
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def make_grid(images: Sequence[Image.Image], columns: int | None = None, pad: int = 2) -> Image.Image:

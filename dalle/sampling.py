@@ -513,8 +513,14 @@ def _generate(model, text_ids, temperature, top_k, top_p, generator, known_token
     logits = _prefill(model, text_ids, tokens, first, cache, positions)
 
     # 2. Sample in raster order; feed each sampled token together with the kept run after it.
-    # A sparse layer reads only its allowed keys: at 32x32 a row layer's 288 instead of up to 1279.
+    # A sparse layer reads only its allowed keys: at 32x32 a row layer's 289 (256 text + 33 image)
+    # instead of up to 1279.
     keys = {kind: allowed_keys(kind, t, g, cfg.conv_kernel, device) for kind in set(model.kinds) if kind != "full"}
+    # Where a sparse row allows every key so far (a conv kernel as wide as the grid, the first
+    # image tokens of a row window) gathering them is pure copying: read the cache like a full layer.
+    one_step = {kind: [MaskArgs() if len(index[p]) == p + 1 else MaskArgs(keys=index[p]) for p in range(len(index))]
+                for kind, index in keys.items()}
+    one_step["full"] = [MaskArgs()] * (t + n)
     j = first
     while True:
         tokens[:, j] = _draw(logits, guidance, temperature, top_k, top_p, generator)
@@ -523,8 +529,7 @@ def _generate(model, text_ids, temperature, top_k, top_p, generator, known_token
             break  # everything after j is kept (or j was the last token)
         p = t + j  # stream position of image token j
         if nxt == j + 1:
-            masks = {kind: MaskArgs(keys=index[p]) for kind, index in keys.items()}
-            masks["full"] = MaskArgs()
+            masks = {kind: rows[p] for kind, rows in one_step.items()}
         else:
             masks = model.mask_args(p, nxt - j, device)
         x = model.embed_image(tokens[:, j:nxt], j, positions)

@@ -75,10 +75,11 @@ class Limits:
 class RequestError(Exception):
     """A request the server refuses; ``message`` is shown to the user as is."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, drain: int = 0):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.drain = drain  # bytes of an unread body to drop after answering (a refused upload)
 
 
 # --- validation --------------------------------------------------------------------------
@@ -132,6 +133,7 @@ class SamplingParams:
     top_k: int | None
     top_p: float | None
     guidance: float = 1.0
+    warning: str | None = None  # about the prompt (words the model cannot read); shown with the results
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return dict(candidates=self.candidates, keep=self.keep, seed=self.seed, temperature=self.temperature,
@@ -139,7 +141,8 @@ class SamplingParams:
 
 
 def validate_sampling(fields: dict[str, Any], limits: Limits, count_tokens: Callable[[str], tuple[int, int]] | None,
-                      image_vocab: int | None, guidable: bool = True) -> SamplingParams:
+                      image_vocab: int | None, guidable: bool = True,
+                      check_words: Callable[[str], tuple[str | None, str | None]] | None = None) -> SamplingParams:
     """Check the form fields shared by both tabs; raise :class:`RequestError` (400) naming the first bad one.
 
     ``count_tokens(prompt) -> (tokens, text_len)`` lets a prompt the model would cut short be refused
@@ -160,6 +163,11 @@ def validate_sampling(fields: dict[str, Any], limits: Limits, count_tokens: Call
         if n_tokens > text_len:
             raise RequestError(400, f"the prompt is too long: it makes {n_tokens} text tokens but the model reads "
                                     f"at most {text_len}; shorten it by about {n_tokens - text_len} words")
+    warning = None
+    if check_words is not None:  # most words unreadable (another script): refused; a few: a warning
+        error, warning = check_words(prompt)
+        if error:
+            raise RequestError(400, error)
     candidates = _parse_int(fields, "candidates", "candidates", 1, limits.max_candidates, default=32)
     keep = _parse_int(fields, "keep", "keep", 1, None, default=min(4, candidates))
     if keep > candidates:
@@ -181,7 +189,7 @@ def validate_sampling(fields: dict[str, Any], limits: Limits, count_tokens: Call
     seed = _parse_int(fields, "seed", "seed", 0, 2**63 - 1)
     if seed is None:  # no seed given: pick one and report it, so the result can be reproduced
         seed = secrets.randbelow(2**31)
-    return SamplingParams(prompt, candidates, keep, seed, temperature, top_k, top_p, guidance)
+    return SamplingParams(prompt, candidates, keep, seed, temperature, top_k, top_p, guidance, warning)
 
 
 def validate_completion(fields: dict[str, Any], grid: int) -> dict[str, Any]:
@@ -339,6 +347,7 @@ class Worker:
                                                                for k, v in job.completion.items()}},
                 "seed": job.params.seed,
                 "error": job.error,
+                "warning": job.params.warning,
                 "elapsed": round((job.finished or now) - (job.started or now), 3),
                 "results": [{"rank": k, "score": s, "url": f"/api/jobs/{job.id}/images/{k}.png"}
                             for k, s in enumerate(job.scores)] if job.state == "done" else [],
@@ -416,6 +425,9 @@ class DalleServer(ThreadingHTTPServer):
     """The HTTP server plus the one worker that owns the pipeline."""
 
     daemon_threads = True  # a stuck client must not keep the process alive
+    # Connections waiting to be accepted.  socketserver's default of 5 overflowed under the soak
+    # test's 20 users on 2 busy cores: the kernel dropped handshakes and clients saw resets.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], pipeline: Any, limits: Limits, quiet: bool = False):
         self.pipeline = pipeline
@@ -433,6 +445,12 @@ class DalleServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         self.worker.close()
         super().server_close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that left early (broken pipe, reset, timeout) is normal: no traceback for it."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
     # Model facts the form needs; read defensively so a pipeline-like object also works.
     def info(self) -> dict[str, Any]:
@@ -462,6 +480,14 @@ class DalleServer(ThreadingHTTPServer):
         transformer = getattr(self.pipeline, "transformer", None)
         return getattr(getattr(transformer, "config", None), "image_vocab", None)
 
+    def check_words(self) -> Callable[[str], tuple[str | None, str | None]] | None:
+        tokenizer = getattr(self.pipeline, "tokenizer", None)
+        if tokenizer is None or not hasattr(tokenizer, "unknown_words"):
+            return None
+        from dalle.pipeline import prompt_word_problem
+
+        return lambda prompt: prompt_word_problem(tokenizer, prompt)
+
     def count_tokens(self) -> Callable[[str], tuple[int, int]] | None:
         tokenizer = getattr(self.pipeline, "tokenizer", None)
         if tokenizer is None or not hasattr(tokenizer, "encode_with_info"):
@@ -475,9 +501,14 @@ class DalleServer(ThreadingHTTPServer):
         return count
 
 
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")
+DRAIN_TIMEOUT_S = 2.0  # at most this long reading (and dropping) a refused upload
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: DalleServer
     server_version = "dalle-serve"
+    timeout = 30  # seconds a socket may sit idle (a slow or stalled client) before it is closed
 
     # -- plumbing --
 
@@ -508,33 +539,69 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": message})
 
     def _read_body(self) -> bytes:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise RequestError(411, "the request needs a Content-Length header") from None
+        """The request body, bounded: its length is checked before a byte of it is read.
+
+        A missing, malformed, negative or oversized ``Content-Length`` (and chunked bodies,
+        which announce none) is refused first; a body shorter than announced (a client that
+        half-closed its socket) is refused too.  Reading stops at the announced length, and
+        the socket's timeout (:attr:`timeout`) bounds how long a slow client can hold a thread.
+        """
         limit = self.server.limits.max_body_bytes
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise RequestError(411, "send the body with a Content-Length header (chunked bodies are not accepted)",
+                               drain=limit)
+        text = (self.headers.get("Content-Length") or "").strip()
+        if not text:
+            self.close_connection = True
+            raise RequestError(411, "the request needs a Content-Length header", drain=limit)
+        if not _CONTENT_LENGTH.fullmatch(text):
+            self.close_connection = True
+            raise RequestError(400, f"Content-Length must be a whole number of bytes, got {text[:40]!r}", drain=limit)
+        length = int(text)
         if length > limit:
-            # Read (and drop) a moderately oversized body so the client sees our answer rather than a reset.
-            remaining = length if length <= 8 * limit else 0
-            while remaining > 0:
-                chunk = self.rfile.read(min(remaining, 1 << 20))
+            self.close_connection = True
+            raise RequestError(413, f"the upload is {length / 2**20:.1f} MB; the limit is "
+                                    f"{self.server.limits.max_upload_bytes / 2**20:.0f} MB",
+                               drain=min(length, 4 * limit))
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            raise RequestError(400, f"the body ended after {len(body)} of the {length} bytes its Content-Length "
+                                    f"announced")
+        return body
+
+    def _drain(self, size: int) -> None:
+        """Read and drop up to ``size`` bytes of a refused upload, briefly, so the client sees the answer."""
+        try:
+            self.connection.settimeout(DRAIN_TIMEOUT_S)
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            while size > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(size, 1 << 16)) if hasattr(self.rfile, "read1") else b""
                 if not chunk:
                     break
-                remaining -= len(chunk)
-            raise RequestError(413, f"the upload is {length / 2**20:.1f} MB; the limit is "
-                                    f"{self.server.limits.max_upload_bytes / 2**20:.0f} MB")
-        return self.rfile.read(length)
+                size -= len(chunk)
+        except OSError:
+            pass
 
     def _dispatch(self, routes: Callable[[], None]) -> None:
         try:
-            routes()
-        except RequestError as e:
-            self._error(e.status, e.message)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left
-        except Exception as e:  # pragma: no cover - a bug; keep the server up and say so
-            traceback.print_exc(file=sys.stderr)
-            self._error(500, f"internal error: {type(e).__name__}: {e}")
+            try:
+                routes()
+            except RequestError as e:
+                self._error(e.status, e.message)
+                if e.drain:
+                    self._drain(e.drain)
+            except TimeoutError:
+                self.close_connection = True
+                self._error(408, f"the request body did not arrive within {self.timeout:g} s")
+            except Exception as e:  # pragma: no cover - a bug; keep the server up and say so
+                if isinstance(e, ConnectionError):
+                    raise
+                traceback.print_exc(file=sys.stderr)
+                self._error(500, f"internal error: {type(e).__name__}: {e}")
+        except ConnectionError:  # the client left (broken pipe, reset), even while we answered
+            self.close_connection = True
 
     # -- routes --
 
@@ -594,7 +661,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         server = self.server
         params = validate_sampling(fields, server.limits, server.count_tokens(), server.image_vocab(),
-                                   server.guidable())
+                                   server.guidable(), server.check_words())
         if path == "/api/generate":
             job = Job("generate", params)
         else:
@@ -621,6 +688,21 @@ def make_server(pipeline_factory: Callable[[], Any], host: str = DEFAULT_HOST, p
     return DalleServer((host, port), pipeline, limits or Limits(), quiet=quiet)
 
 
+def _listen_advice(error: OSError, port: int) -> str:
+    """What to change when binding fails: the port (in use, privileged) or the host (not an address here)."""
+    import errno
+    import socket
+
+    if error.errno == errno.EADDRINUSE:
+        return "choose another --port"
+    if error.errno in (errno.EACCES, errno.EPERM) and port < 1024:
+        return "ports below 1024 need administrator rights; choose a --port of 1024 or more"
+    if error.errno == errno.EADDRNOTAVAIL or isinstance(error, socket.gaierror):
+        return ("--host must be an address of this machine (127.0.0.1 for this machine only, 0.0.0.0 for all "
+                "its networks)")
+    return "check --host and --port"
+
+
 def serve(model: Path | str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
           device: str | None = None) -> None:
     """``dalle serve``: load the model (default: the bundled one) and serve the page until Ctrl-C."""
@@ -629,8 +711,8 @@ def serve(model: Path | str | None = None, host: str = DEFAULT_HOST, port: int =
     print(f"loading the model from {model or 'the package (bundled model)'} ...", flush=True)
     try:
         server = make_server(lambda: DallePipeline.from_pretrained(model, device=device), host, port)
-    except OSError as e:  # address in use, permission denied: a user error, not a crash
-        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port") from None
+    except OSError as e:  # address in use, permission denied, not this machine's: a user error, not a crash
+        raise UsageError(f"cannot listen on {host}:{port} ({e.strerror or e}); {_listen_advice(e, port)}") from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the page", flush=True)
     print(f"serving on {server.url}  (Ctrl-C to stop)", flush=True)

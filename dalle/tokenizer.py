@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from dalle.config import ConfigError, TokenizerConfig, load_config, save_config
-from dalle.io import ModelLoadError, atomic_write
+from dalle.config import ConfigError, TokenizerConfig
+from dalle.io import (ModelLoadError, atomic_write, load_config_with_checksums, save_config_with_checksums,
+                      verify_checksum)
 
 __all__ = ["EOW", "UNK", "EncodeResult", "TextTokenizer", "learn_bpe", "read_caption_file"]
 
@@ -332,7 +333,7 @@ class TextTokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         text = self._tokenizer.to_str(pretty=True)
         atomic_write(folder / TOKENIZER_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        atomic_write(folder / CONFIG_FILE, lambda tmp: save_config(self.config, tmp))
+        save_config_with_checksums(self.config, folder / CONFIG_FILE, [folder / TOKENIZER_FILE])
         return folder
 
     @classmethod
@@ -342,7 +343,7 @@ class TextTokenizer:
         if not folder.is_dir():
             raise ModelLoadError(f"tokenizer folder {folder} does not exist (train one with: dalle train tokenizer)")
         try:
-            config = load_config(TokenizerConfig, folder / CONFIG_FILE)
+            config, checksums = load_config_with_checksums(TokenizerConfig, folder / CONFIG_FILE)
             check_tokenizer_config(config)
         except ConfigError as e:
             raise ModelLoadError(f"cannot load the tokenizer config: {e}") from None
@@ -353,6 +354,7 @@ class TextTokenizer:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception for unreadable files
             raise ModelLoadError(f"{path} is not a readable tokenizers file ({e}); retrain the tokenizer") from None
+        verify_checksum(path, checksums)  # readable, but is it the file that was exported?
         return cls(tokenizer, config)
 
     # --- sizes and special ids -----------------------------------------------------------
@@ -398,6 +400,35 @@ class TextTokenizer:
         """The BPE tokens of ``text`` as strings (no padding, no truncation), for inspection."""
         _check_text(text)
         return self._tokenizer.encode(text, add_special_tokens=False).tokens
+
+    def unknown_words(self, text: str) -> tuple[list[str], int]:
+        """``(words the vocabulary cannot spell, number of words)`` of ``text``.
+
+        A word is unknown when any of its characters becomes ``<unk>`` (a script or symbol
+        the training captions never used, e.g. Chinese or Arabic for the shapes model);
+        the model sees nothing of it.
+        """
+        _check_text(text)
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        spans: dict[int, list[int]] = {}
+        unknown: set[int] = set()
+        for token, word, (start, end) in zip(encoding.tokens, encoding.word_ids, encoding.offsets):
+            if word is None:
+                continue
+            span = spans.setdefault(word, [start, end])
+            span[0], span[1] = min(span[0], start), max(span[1], end)
+            if token == UNK:
+                unknown.add(word)
+        return [text[spans[w][0]:spans[w][1]] for w in sorted(unknown)], len(spans)
+
+    def known_words(self, limit: int = 10) -> list[str]:
+        """Whole words of the vocabulary, in the order BPE learned them (most frequent first), for messages."""
+        vocab = self._tokenizer.get_vocab()
+        words = [t[: -len(EOW)] for t in sorted(vocab, key=vocab.get) if t.endswith(EOW)]
+        words = [w for w in words if w.isalpha() and len(w) >= 3]
+        # Drop word ends that are only pieces of longer words ("rcle" of "circle").
+        whole = [w for w in words if not any(o != w and o.endswith(w) for o in words)]
+        return whole[:limit]
 
     def encode(self, text: str, *, training: bool = False, seed: int | None = None) -> list[int]:
         """``text`` -> exactly ``text_len`` ids (BPE tokens, then the per-position padding ids).

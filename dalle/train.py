@@ -12,6 +12,13 @@ Validation: every stage holds out the same images, the data set's last ones
 same figures on training images, and ends with a fit report in ``OUT/logs/<stage>_fit.json``
 that names memorising, a collapsed codebook, a reranker near chance and the like.
 
+One run per stage and folder: a fresh run (no ``--resume``) into a folder that already
+holds a stage's checkpoints, export or run record is refused (or, with ``--overwrite``,
+the old run is moved aside to ``OUT/replaced/<time>/``), so the checkpoints in a folder
+always belong to the last run started there and ``--resume`` continues that run.  Each
+run records what it was asked for (``OUT/checkpoints/<stage>/run.json``), so a run killed
+before its first checkpoint resumes with the same ``--steps``/``--minutes``.
+
 Environment: ``DALLE_CHECKPOINT_EVERY=N`` checkpoints the dVAE, transformer and CLIP
 every N steps instead of each loop's default (used by the kill-and-resume tests;
 also handy on preemptible machines).
@@ -19,7 +26,9 @@ also handy on preemptible machines).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +56,84 @@ def checkpoint_interval() -> int | None:
     if every < 1:
         raise ValueError(f"DALLE_CHECKPOINT_EVERY must be a positive number of steps, got {text!r}")
     return every
+
+
+class TrainingFolderError(ValueError):
+    """``--out`` cannot take this run (another run's files are there, or it is not a folder)."""
+
+
+RUN_RECORD = "run.json"  # OUT/checkpoints/<stage>/run.json: what the last run started there asked for
+STAGE_LOGS = ("{stage}.csv", "{stage}.png", "{stage}_fit.json")  # under OUT/logs
+
+
+def check_out_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise TrainingFolderError(f"--out {out} is a file; give a folder to write the model into")
+
+
+def previous_run(out: Path, stage: str) -> str | None:
+    """What of an earlier ``stage`` run ``out`` holds (checkpoints, export, run record), or None."""
+    found = []
+    checkpoints = out / "checkpoints" / stage
+    steps = sorted(checkpoints.glob("step_*")) if checkpoints.is_dir() else []
+    if steps:
+        found.append(f"checkpoints up to step {int(steps[-1].name.split('_')[-1])}")
+    elif (checkpoints / RUN_RECORD).is_file():
+        found.append("a started run with no checkpoint yet")
+    if (out / stage).exists():
+        found.append(f"an export in {out / stage}")
+    return ", ".join(found) or None
+
+
+def claim_out_folder(out: Path, stages: list[str], whole: bool, overwrite: bool) -> Path | None:
+    """Make sure a fresh run of ``stages`` mixes with no earlier run in ``out``.
+
+    Without ``overwrite`` an earlier run is refused with what to do; with it, the earlier
+    run's files are moved to ``OUT/replaced/<time>/`` (returned).  ``whole`` (``train all``):
+    the folder's config is moved too, so the new run takes the preset's.
+    """
+    earlier = {stage: what for stage in stages if (what := previous_run(out, stage))}
+    if not earlier:
+        return None
+    if not overwrite:
+        listing = "; ".join(f"{stage}: {what}" for stage, what in earlier.items())
+        raise TrainingFolderError(
+            f"--out {out} already holds another run ({listing}): add --resume to continue it, "
+            f"give a new --out, or add --overwrite to move the old run aside")
+    aside = out / "replaced" / time.strftime("%Y%m%d-%H%M%S")
+    moves = [Path(stage) for stage in earlier] + [Path("checkpoints") / stage for stage in earlier]
+    moves += [Path("logs") / name.format(stage=stage) for stage in earlier for name in STAGE_LOGS]
+    if whole:
+        moves += [Path(CONFIG_FILE), Path("cache")]
+    for rel in moves:
+        if (out / rel).exists():
+            (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(out / rel), str(aside / rel))
+    return aside
+
+
+def _given_parts(out: Path) -> set[str]:
+    """Parts ``out``'s config marks as used as given (``train.pretrained_dvae``/``pretrained_clip``)."""
+    try:
+        train = json.loads((out / CONFIG_FILE).read_text()).get("train", {})
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {part for part in ("dvae", "clip") if isinstance(train, dict) and train.get(f"pretrained_{part}")}
+
+
+def record_run(out: Path, stage: str, steps: int | None, minutes: float | None) -> None:
+    folder = out / "checkpoints" / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_RECORD).write_text(json.dumps({"steps": steps, "minutes": minutes}) + "\n")
+
+
+def recorded_run(out: Path, stage: str) -> dict[str, Any]:
+    """What the last run of ``stage`` started in ``out`` asked for ({} if unknown)."""
+    try:
+        record = json.loads((out / "checkpoints" / stage / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def resolve_device(device: str | None) -> str:
@@ -82,6 +169,24 @@ def model_config(out: Path, preset: str, overrides: list[str] | None = None, res
     return config
 
 
+TRAIN_FACTOR = 5.0  # training holds weights, gradients, two Adam moments and a weight average
+
+
+def check_stages_fit(config: DalleConfig, stages: list[str], device: str, where: Path) -> None:
+    """Refuse, before any stage starts, a config whose models cannot be trained in ``device``'s memory."""
+    from dalle.clip import CLIP
+    from dalle.dvae import DiscreteVAE
+    from dalle.io import check_fits
+    from dalle.transformer import DalleTransformer
+
+    builds = {"dvae": (DiscreteVAE, config.dvae), "transformer": (DalleTransformer, config.transformer),
+              "clip": (CLIP, config.clip)}
+    for stage in stages:
+        if stage in builds:
+            build, part = builds[stage]
+            check_fits(build, part, device, f"{where} ({stage} section)", factor=TRAIN_FACTOR, doing="train")
+
+
 def refuse_architecture_changes(old: DalleConfig, new: DalleConfig, out: Path, resume: bool,
                                 stages: list[str] | tuple[str, ...]) -> None:
     """Raise ConfigError if ``new`` changes a component that ``out`` holds and this run keeps."""
@@ -103,23 +208,56 @@ def refuse_architecture_changes(old: DalleConfig, new: DalleConfig, out: Path, r
                    else f"this run does not retrain the {section}")
             raise ConfigError(
                 f"--set changes {section}.{key} from {before!r} to {after!r}, but {out / section} was trained "
-                f"with {before!r} and {how}; train into a new --out, or retrain the {section} without --resume")
+                f"with {before!r} and {how}; train into a new --out, or retrain the {section} afresh (--overwrite, without --resume)")
 
 
-def open_training_data(data: str, split: str = "train", seed: int = 0, shapes_size: int = 50_000):
-    """A data folder (any reader of dalle.data), or ``shapes`` for the generator streamed with no files."""
+def open_training_data(data: str, split: str = "train", seed: int = 0, shapes_size: int = 50_000,
+                       max_bad_fraction: float | None = None):
+    """A data folder (any reader of dalle.data), or ``shapes`` for the generator streamed with no files.
+
+    ``max_bad_fraction`` (the config's ``data.max_bad_fraction``) is the reader's bad-item limit.
+    """
     if data in ("shapes", f"shapes:{split}"):
         from dalle.data.shapes import ShapesDataset
 
         return ShapesDataset(split=split, size=shapes_size, seed=seed)
     from dalle.data import open_dataset
 
+    limits = {} if max_bad_fraction is None else {"max_bad_fraction": max_bad_fraction}
     if "://" in data or any(c in data for c in "{*?["):  # shard URLs and patterns: the reader expands them
-        return open_dataset(data)
+        return open_dataset(data, **limits)
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"--data {data} does not exist (make one with: dalle data shapes --out {data} --count 10000)")
-    return open_dataset(path)
+    return open_dataset(path, **limits)
+
+
+def check_bad_data(dataset, log=print) -> None:
+    """Read every item of a map-style data set once and apply its bad-item limit, before any stage trains.
+
+    Every stage then works under one verdict: without this, the dVAE (which draws a sample
+    of the items) could train on a set that the token cache (which reads them all) refuses
+    afterwards.  Streams are checked as they are read, and the shapes generator has no bad items.
+    """
+    from dalle.data.images import BadImageError, SkipCounter
+
+    counter = getattr(dataset, "skipped", None)
+    if not isinstance(counter, SkipCounter) or not hasattr(dataset, "load") or _streamed(dataset):
+        return
+    log(f"checking the {len(dataset)} items of the data set (limit: data.max_bad_fraction="
+        f"{counter.max_bad_fraction})")
+    for i in range(len(dataset)):
+        try:
+            dataset.load(i)
+        except BadImageError as e:
+            counter.skip(e.key or dataset.key(i), e.reason, check=False)
+        else:
+            counter.ok()
+    counter.check(final=True)
+    if counter.skipped:
+        log(f"data: {counter.summary()}")
+    counter.seen = counter.skipped = 0  # the verdict is given; the stages count their own reads afresh
+    counter.reasons.clear()
 
 
 def iter_captions(dataset, limit: int):
@@ -149,7 +287,7 @@ def _budget(minutes: float | None, share: float, component: str, total_minutes: 
 
 def build_or_open_token_cache(dataset, out: Path, device: str):
     """Encode the data set once with the trained dVAE (rebuilt when the dVAE changes)."""
-    from dalle.data.token_cache import TokenCache, build_token_cache
+    from dalle.data.token_cache import TokenCache, TokenCacheError, build_token_cache
     from dalle.dvae import load_image_tokenizer
     from dalle.io import WEIGHTS_NAME, file_sha256
 
@@ -161,10 +299,12 @@ def build_or_open_token_cache(dataset, out: Path, device: str):
     if cache_dir.is_dir():
         try:
             cache = TokenCache(cache_dir)
+            cache.verify()
             if cache.fingerprint == fingerprint:
                 return cache
-        except Exception:  # noqa: BLE001 - a broken cache is rebuilt
-            pass
+        except TokenCacheError as e:  # truncated, damaged or half-deleted: rebuilt, as said
+            print(f"[transformer] the token cache is broken ({e}); rebuilding it", flush=True)
+            shutil.rmtree(cache_dir)
     dvae = load_image_tokenizer(dvae_dir, device=device)
     size = dvae.config.image_size
 
@@ -172,7 +312,8 @@ def build_or_open_token_cache(dataset, out: Path, device: str):
     def encode(images: torch.Tensor) -> torch.Tensor:
         return dvae.encode(images.to(device)).cpu()
 
-    return build_token_cache(dataset, encode, cache_dir, image_size=size, fingerprint=fingerprint)
+    return build_token_cache(dataset, encode, cache_dir, image_size=size, fingerprint=fingerprint,
+                             overwrite=True)  # here only when the cache was made with another dVAE
 
 
 # --- Parts used as they are (converted from released weights, or trained elsewhere) ------------
@@ -276,23 +417,32 @@ def _pretrained_part_missing(out: Path, part: str, kind: str) -> FileNotFoundErr
 def train_component(component: str, *, data: str, out: Path, preset: str = "shapes", steps: int | None = None,
                     minutes: float | None = None, resume: bool = False, device: str | None = None,
                     seed: int | None = None, strategy: str = "ddp", compile: bool = False,
-                    dvae: Path | None = None, clip: Path | None = None,
-                    overrides: list[str] | None = None) -> Path:
+                    dvae: Path | None = None, clip: Path | None = None, overrides: list[str] | None = None,
+                    overwrite: bool = False) -> Path:
     """Train ``component`` (or ``all``) on ``data`` into the model folder ``out``.
 
     Under ``torchrun`` every rank runs this; files shared by all ranks (the config,
     the tokenizer, the token cache) are written by rank 0 first, then read by the rest.
     ``dvae``/``clip``: folders of parts used as they are (e.g. converted from released
     weights by ``dalle convert``): copied into ``out`` and never trained.
+    A fresh run (not ``resume``) into a folder holding another run of one of its stages
+    is refused, unless ``overwrite`` moves that run aside (:func:`claim_out_folder`).
     """
     from dalle.training.distributed import barrier, init_distributed, main_process_first
 
     out = Path(out)
+    check_out_folder(out)
+    stages = ["tokenizer", "dvae", "transformer", "clip"] if component == "all" else [component]
+    whole = component == "all"
+    own = [s for s in stages if s not in _given_parts(out)]  # parts used as given are never a run of ours
+    if not resume and not overwrite:  # every rank refuses alike, before anything is written
+        claim_out_folder(out, own, whole, overwrite=False)
     info = init_distributed(resolve_device(device))
     device = str(info.device)
     log = print if info.is_main else (lambda *a, **k: None)
-    stages = ["tokenizer", "dvae", "transformer", "clip"] if component == "all" else [component]
     with main_process_first(info):
+        if not resume and info.is_main and (aside := claim_out_folder(out, own, whole, overwrite)):
+            log(f"--overwrite: the earlier run in {out} was moved to {aside}")
         config = model_config(out, preset, overrides, resume=resume, stages=stages)
         if dvae is not None or clip is not None:
             if info.is_main:
@@ -305,9 +455,11 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
             raise ConfigError(f"{out}'s {part} is used as it is ({kind}), not trained here; train the transformer")
         if kind and not stage_complete(out / part) and (component == "all" or (part == "dvae" and component == "transformer")):
             raise _pretrained_part_missing(out, part, kind)
+    if strategy != "fsdp":  # (sharded, each rank holds a part: the estimate would be too strict)
+        check_stages_fit(config, [s for s in stages if not pretrained.get(s)], device, out / CONFIG_FILE)
     dataset = open_training_data(data, "train", seed=config.train.seed if seed is None else seed,
-                                 shapes_size=config.train.shapes_size)
-    whole = component == "all"
+                                 shapes_size=config.train.shapes_size,
+                                 max_bad_fraction=config.data.max_bad_fraction)
     if info.is_main and hasattr(dataset, "image_files"):  # mixed sizes and modes: converted, with a note
         from dalle.data.survey import survey_images, survey_note
 
@@ -315,7 +467,9 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
                            len(dataset))
         if note:
             log(note)
-    common: dict[str, Any] = dict(steps=steps, resume=resume, device=device, seed=seed)
+    if any(stage in ("tokenizer", "dvae", "clip") for stage in stages):  # (the token cache checks its own pass)
+        check_bad_data(dataset, log)
+    common: dict[str, Any] = dict(resume=resume, device=device, seed=seed)
     every = checkpoint_interval()
     if every is not None:
         common["checkpoint_every"] = every
@@ -328,11 +482,21 @@ def train_component(component: str, *, data: str, out: Path, preset: str = "shap
         if pretrained.get(stage):
             log(f"[{stage}] {out / stage} is used as it is ({pretrained[stage]}); not trained")
             continue
-        done = stage_complete(out / stage)
-        if whole and resume and done:
-            log(f"[{stage}] already trained in {out / stage}; skipping")
-            continue
-        budget = _budget(minutes, TIME_SHARES.get(stage, 0.0), stage, whole)
+        if whole and resume:
+            problem = export_problem(out / stage)
+            if problem is None:
+                log(f"[{stage}] already trained in {out / stage} (export verified); skipping")
+                continue
+            if (out / stage).exists():
+                log(f"[{stage}] the export in {out / stage} is broken ({problem}); training the stage again")
+        stage_steps, stage_minutes = steps, minutes
+        if resume and steps is None and minutes is None:  # the last run started here says how long
+            record = recorded_run(out, stage)
+            stage_steps, stage_minutes = record.get("steps"), record.get("minutes")
+        elif info.is_main and stage != "tokenizer":
+            record_run(out, stage, steps, minutes)
+        common["steps"] = stage_steps
+        budget = _budget(stage_minutes, TIME_SHARES.get(stage, 0.0), stage, whole)
         log(f"[{stage}] training" + (f" for {budget:.1f} min" if budget else ""))
         if stage == "tokenizer":
             if info.is_main:
@@ -379,10 +543,19 @@ def _streamed(dataset) -> bool:
     return isinstance(dataset, IterableDataset)
 
 
+def export_problem(folder: Path) -> str | None:
+    """What keeps a stage's export from loading (None: it is whole and matches its checksum)."""
+    from dalle.io import check_export
+
+    if not (folder / "config.json").is_file():
+        return f"no export in {folder}"
+    problem, _ = check_export(folder, "tokenizer.json" if folder.name == "tokenizer" else "model.safetensors")
+    return problem
+
+
 def stage_complete(folder: Path) -> bool:
-    """A stage is done when its export is whole: config plus weights (or tokenizer.json)."""
-    weights = "tokenizer.json" if folder.name == "tokenizer" else "model.safetensors"
-    return (folder / "config.json").is_file() and (folder / weights).is_file()
+    """A stage is done when its export is whole: config plus weights (or tokenizer.json), verified."""
+    return export_problem(folder) is None
 
 
 def _need_tokenizer(out: Path):

@@ -8,6 +8,25 @@ import torch
 from dalle.attention_masks import MASK_KINDS, build_mask, image_mask, layer_schedule
 
 
+def conv_keys(jq: int, grid: int, conv_kernel: int) -> set[int]:
+    """The raster indices the causal conv kernel of token ``jq`` covers, one kernel cell at a time.
+
+    Cell ``(dr, dc)`` of the kernel's causal half (rows above and the token's own row up to
+    itself) is the key at raster index ``jq + dr * grid + dc``: the kernel is laid out in raster
+    order, so it wraps round the row edges as the row window does (figure 11(d)).
+    """
+    h = conv_kernel // 2
+    keys = set()
+    for dr in range(-h, 1):
+        for dc in range(-h, h + 1):
+            if dr == 0 and dc > 0:
+                continue  # the causal half: nothing right of the token in its own row
+            jk = jq + dr * grid + dc
+            if 0 <= jk <= jq:
+                keys.add(jk)
+    return keys
+
+
 def brute_force_mask(kind: str, text_len: int, grid: int, conv_kernel: int) -> torch.Tensor:
     """The mask written straight from the definitions, one (query, key) pair at a time."""
     s = text_len + grid * grid
@@ -26,36 +45,68 @@ def brute_force_mask(kind: str, text_len: int, grid: int, conv_kernel: int) -> t
                 if kind == "full":
                     ok = True
                 elif kind == "row":
-                    ok = jq - jk < grid  # the previous `grid` tokens in raster order, itself included
+                    ok = jq - jk <= grid  # the previous `grid` tokens in raster order and itself
                 elif kind == "column":
                     ok = ck == cq
                 elif kind == "conv":
-                    ok = abs(rq - rk) <= conv_kernel // 2 and abs(cq - ck) <= conv_kernel // 2
+                    ok = jk in conv_keys(jq, grid, conv_kernel)
                 mask[q, k] = ok
     return mask
 
 
 @pytest.mark.parametrize("kind", MASK_KINDS)
-@pytest.mark.parametrize("text_len,grid,conv_kernel", [(3, 4, 3), (5, 3, 3), (2, 5, 5), (1, 4, 11), (4, 6, 3)])
+@pytest.mark.parametrize("text_len,grid,conv_kernel",
+                         [(3, 4, 3), (5, 3, 3), (2, 5, 5), (1, 4, 11), (4, 6, 3), (2, 8, 3), (1, 12, 5), (2, 7, 7)])
 def test_masks_match_brute_force(kind, text_len, grid, conv_kernel):
     built = build_mask(kind, text_len, grid, conv_kernel)
     assert built.dtype == torch.bool and built.shape == (text_len + grid**2,) * 2
     assert torch.equal(built, brute_force_mask(kind, text_len, grid, conv_kernel))
 
 
-def test_row_mask_on_4x4_grid_is_a_one_row_window():
+def test_row_mask_on_4x4_grid_is_figure_11a():
     m = image_mask("row", 4)
-    # Token (1, 0) = raster index 4 sees the rest of row 0 and itself.
-    assert m[4].nonzero().flatten().tolist() == [1, 2, 3, 4]
-    assert m[15].nonzero().flatten().tolist() == [12, 13, 14, 15]
+    # "each image token attends to the previous 5 image tokens in raster order ... the last token
+    # being attended to is the one in the same column of the previous row": itself and 4 before it.
+    assert m[4].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]  # (1, 0): all of row 0 and itself
+    assert m[15].nonzero().flatten().tolist() == [11, 12, 13, 14, 15]  # (3, 3) down to (2, 3)
+    assert m.sum(1).tolist() == [1, 2, 3, 4] + [5] * 12
 
 
 def test_column_and_conv_masks_on_4x4_grid():
     col = image_mask("column", 4)
     assert col[13].nonzero().flatten().tolist() == [1, 5, 9, 13]  # (3, 1): its column so far
     conv = image_mask("conv", 4, conv_kernel=3)
-    # (2, 2) = index 10 sees (1,1) (1,2) (1,3) (2,1) (2,2): the causal half of its 3x3 window.
+    # (2, 2) = index 10, inside the grid: (1,1) (1,2) (1,3) (2,1) (2,2), the causal half of 3x3.
     assert conv[10].nonzero().flatten().tolist() == [5, 6, 7, 9, 10]
+    # (2, 0) = index 8 on the left edge: its left neighbour wraps to (1, 3) and its upper-left
+    # one to (0, 3), as the row window wraps (figure 11(d) "with wraparound behavior").
+    assert conv[8].nonzero().flatten().tolist() == [3, 4, 5, 7, 8]
+    # (1, 3) = index 7 on the right edge: its upper-right neighbour wraps to (1, 0).
+    assert conv[7].nonzero().flatten().tolist() == [2, 3, 4, 6, 7]
+
+
+def test_conv_mask_is_the_same_set_of_raster_distances_for_every_token():
+    # "similar to the row attention": no window is clipped at the image edges; past the first
+    # h rows every token sees the same raster distances, h * (2h + 1) + h + 1 of them.
+    grid, kernel = 9, 5
+    h = kernel // 2
+    m = image_mask("conv", grid, kernel)
+    start = h * grid + h
+    distances = {tuple((j - m[j].nonzero().flatten()).tolist()) for j in range(start, grid * grid)}
+    assert len(distances) == 1
+    (d,) = distances
+    assert len(d) == h * (2 * h + 1) + h + 1
+    assert sorted(d) == [0, 1, 2] + list(range(grid - 2, grid + 3)) + list(range(2 * grid - 2, 2 * grid + 3))
+
+
+@pytest.mark.parametrize("kind", MASK_KINDS)
+def test_the_cached_samplers_key_lists_are_the_definition(kind):
+    from dalle.attention_masks import allowed_keys
+
+    text_len, grid, kernel = 3, 6, 3
+    reference = brute_force_mask(kind, text_len, grid, kernel)
+    keys = allowed_keys(kind, text_len, grid, kernel)
+    assert [k.tolist() for k in keys] == [row.nonzero().flatten().tolist() for row in reference]
 
 
 def test_every_position_sees_itself_and_nothing_later():
@@ -103,7 +154,7 @@ def test_flex_mask_mod_is_the_boolean_mask(kind, text_len, grid, conv_kernel):
     from dalle.attention_masks import column_major_order, mask_mod
 
     length = text_len + grid * grid - 1  # the transformer is fed all but the last image token
-    reference = build_mask(kind, text_len, grid, conv_kernel)[:length, :length]
+    reference = brute_force_mask(kind, text_len, grid, conv_kernel)[:length, :length]
     dense = flex.create_mask(mask_mod(kind, text_len, grid, conv_kernel), None, None, length, length, device="cpu")
     assert torch.equal(dense[0, 0], reference)
     # In column-major order the same pairs attend: the mask is the reordered boolean mask.

@@ -24,6 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from dalle.cli import main
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for helpers/, whatever pytest's import mode
+from helpers.cli_errors import fails_with_one_line  # noqa: E402
+
 GRID = 8  # the tiny preset's token grid (64 px images, 8x8 tokens)
 
 
@@ -49,20 +52,6 @@ def image(tmp_path) -> Path:
     path = tmp_path / "in.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(path)
     return path
-
-
-def fails_with_one_line(argv: list[str], capsys, *fragments: str) -> str:
-    """Run the CLI; assert a non-zero status and one stderr line holding every fragment."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code != 0, f"expected a failure for {argv}, got status 0"
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert "Traceback" not in err and "internal error" not in err, err
-    for fragment in fragments:
-        assert fragment in err, f"{fragment!r} not in {err!r}"
-    print("stderr:", lines[0])  # shown with pytest -s, to review the wording
-    return lines[0]
 
 
 def generate(model: Path, tmp_path: Path, *extra) -> list:

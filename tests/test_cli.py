@@ -139,7 +139,10 @@ def test_train_set_is_stored_and_a_resume_refuses_an_architecture_change(tmp_pat
                  "--set", "tokenizer.bpe_dropout=0"]) == 0
     saved = json.loads((out / "dalle.json").read_text())
     assert saved["train"]["transformer_steps"] == 7 and saved["tokenizer"]["bpe_dropout"] == 0.0
-    assert main(["train", "tokenizer", *common, "--set", "tokenizer.vocab_size=400"]) == 0  # retrained afresh
+    # Retraining afresh can, once the old run is moved aside (a new run never mixes with an old one).
+    assert main(["train", "tokenizer", *common, "--set", "tokenizer.vocab_size=400"]) != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["train", "tokenizer", *common, "--overwrite", "--set", "tokenizer.vocab_size=400"]) == 0
 
 
 def test_train_set_unknown_field_is_a_one_line_usage_error(tmp_path, capsys):
@@ -178,7 +181,8 @@ def test_train_set_refuses_to_move_the_held_out_split_under_a_trained_stage(tmp_
         assert main(["train", *argv, *common, "--set", "train.val_fraction=0.1"]) != 0
         err = capsys.readouterr().err
         assert "moves the held-out split" in err and "dvae" in err and len(err.strip().splitlines()) == 1
-    assert main(["train", "dvae", *common, "--steps", "1", "--set", "train.val_fraction=0.1"]) == 0  # afresh
+    assert main(["train", "dvae", *common, "--steps", "1", "--overwrite", "--set", "train.val_fraction=0.1"]) == 0
+
 
 
 def test_eval_on_a_users_folder_reports_the_interface_keys(tiny_model, tmp_path, capsys):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import struct
 import sys
 import threading
 import time
@@ -330,3 +332,87 @@ def test_serve_says_when_the_port_is_taken(server, tmp_path):
     taken = server.server_address[1]
     with pytest.raises(UsageError, match=f"cannot listen on 127.0.0.1:{taken}.*choose another --port"):
         serve(model=tmp_path / "model", host="127.0.0.1", port=taken, device="cpu")
+
+
+# --- hostile clients (issue 18) --------------------------------------------------------
+
+
+def raw_request(srv, head: bytes, body: bytes = b"", half_close: bool = True, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send ``head`` + ``body`` on a raw socket (optionally half-closing it), return (status, answer body)."""
+    host, port = srv.server_address[:2]
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        try:
+            s.sendall(head + body)
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server answered and closed before taking everything: read its answer
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.split(b"\r\n\r\n", 1)[1]
+
+
+def _head(length: str | None, path: str = "/api/generate", extra: str = "") -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: x", "Content-Type: application/json", "Connection: close"]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    return ("\r\n".join(lines) + extra + "\r\n\r\n").encode()
+
+
+VALID_BODY = json.dumps({**GOOD, "candidates": 1, "keep": 1}).encode()
+
+
+@pytest.mark.parametrize("length, status_code, words", [
+    ("-1", 400, b"Content-Length must be a whole number"),  # was read to the end of the connection: 202
+    ("1e3", 400, b"Content-Length must be a whole number"),
+    (None, 411, b"needs a Content-Length"),
+    (str(10**12), 413, b"the limit is"),
+])
+def test_a_body_with_a_bad_length_is_refused_before_it_is_read(server, length, status_code, words):
+    padding = b" " * (MAX_UPLOAD // 2)  # still valid JSON: reading to the end of the connection accepted the job
+    started = time.monotonic()
+    status, body = raw_request(server, _head(length), VALID_BODY + padding)
+    assert (status, words in body) == (status_code, True), body
+    assert time.monotonic() - started < 5
+
+
+def test_a_chunked_body_is_refused(server):
+    status, body = raw_request(server, _head(None, extra="\r\nTransfer-Encoding: chunked"), b"5\r\nhello\r\n0\r\n\r\n")
+    assert status == 411 and b"chunked" in body
+
+
+def test_a_body_shorter_than_announced_is_refused(server):
+    status, body = raw_request(server, _head(str(len(VALID_BODY) + 100)), VALID_BODY)  # then the socket half-closes
+    assert status == 400 and b"ended after" in body
+
+
+def test_clients_that_leave_early_print_no_traceback(server, capfd):
+    """Clients that hang up mid-upload (the answer then meets a closed socket) or reset the connection:
+    the server prints nothing and keeps serving (it printed a BrokenPipeError traceback for each)."""
+    host, port = server.server_address[:2]
+    for k in range(10):
+        s = socket.create_connection((host, port))
+        if k % 2:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+        s.sendall(_head(str(2 * MAX_UPLOAD)) + b" " * 1000)
+        s.close()
+    time.sleep(0.5)
+    assert get_json(server, "/api/info")[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_prompt_in_an_unknown_script_is_refused_and_one_unknown_word_is_reported(server):
+    status, answer = post_json(server, "/api/generate", {**GOOD, "prompt": "一个红色的圆圈"})
+    assert status == 400 and "cannot read" in answer["error"] and "e.g." in answer["error"]
+    status, job = post_json(server, "/api/generate", {**GOOD, "prompt": "a red 圆圈 circle", "candidates": 1, "keep": 1})
+    assert status == 202 and "'圆圈'" in job["warning"]
+    assert wait_done(server, job["id"])["state"] == "done"
+
+
+def test_non_finite_numbers_are_refused(server):
+    for field in ("temperature", "top_p"):
+        status, answer = post_json(server, "/api/generate", {**GOOD, field: "nan"})
+        assert status == 400 and "finite" in answer["error"], answer

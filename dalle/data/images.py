@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ class Skipped:
 
     key: str
     reason: str
+    count: int = 1  # items it stands for (the samples lost in a broken shard)
 
     def __bool__(self) -> bool:  # so ``if item:`` filters markers out
         return False
@@ -133,9 +135,10 @@ class SkipCounter:
     def ok(self, n: int = 1) -> None:
         self.seen += n
 
-    def skip(self, key: str, reason: str, check: bool = True) -> None:
-        self.seen += 1
-        self.skipped += 1
+    def skip(self, key: str, reason: str, check: bool = True, count: int = 1) -> None:
+        """Count ``count`` bad items under one ``key`` (more than one: samples lost in a broken shard)."""
+        self.seen += count
+        self.skipped += count
         self.reasons[key] = reason
         if self.skipped <= _WARN_FIRST:
             log.warning("skipping %s: %s", key, reason)
@@ -164,8 +167,9 @@ class SkipCounter:
         limit = f"max_bad={self.max_bad}" if over_count else f"max_bad_fraction={self.max_bad_fraction:g}"
         raise TooManyBadImagesError(
             f"{self.skipped} of {self.seen} images ({100 * self.fraction:.1f}%) could not be used, "
-            f"more than {limit} allows: {self._listing()}. Fix or remove these files, or raise the "
-            "limit if this share of bad files is expected."
+            f"more than {limit} allows: {self._listing()}. Fix or remove these files, or, if this share of bad "
+            f"files is expected, raise the limit (dalle train --set data.max_bad_fraction="
+            f"{min(1.0, math.ceil(100 * self.fraction + 1) / 100):g})."
         )
 
     def _listing(self, limit: int = 20) -> str:

@@ -164,6 +164,16 @@ class TokenCache(Dataset):
             )
         return np.asarray(offsets, dtype=np.int64)
 
+    def verify(self) -> None:
+        """Check the files against the SHA-256 recorded when the cache was built (TokenCacheError if they differ).
+
+        Caches built before the checksums were recorded pass (their shape was checked on opening).
+        """
+        for name, expected in (self.meta.get("sha256") or {}).items():
+            if _sha256(self.directory / name) != expected:
+                raise TokenCacheError(f"{self.directory / name} fails its checksum (damaged after it was built); "
+                                      f"delete {self.directory} and rebuild")
+
     # Memory maps are not pickled (DataLoader workers under spawn): reopened on arrival.
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -390,7 +400,7 @@ def build_token_cache(
                 to_skip -= 1
                 continue
             for s in skipped:
-                counter.skip(s.key, s.reason, check=False)
+                counter.skip(s.key, s.reason, check=False, count=s.count)
             if images is not None:
                 with torch.no_grad():
                     tokens = encode_fn(images)
@@ -439,6 +449,8 @@ def build_token_cache(
         "seen": counter.seen,
         "skipped": counter.skipped,
         "skipped_items": dict(list(counter.reasons.items())[:_MAX_LISTED_SKIPS]),
+        # The files' own fingerprints: TokenCache.verify() finds a cache damaged after it was built.
+        "sha256": {name: _sha256(partial / name) for name in ("tokens.npy", "captions.jsonl")},
     }
     _write_json_atomic(partial / "meta.json", meta)
     (partial / "progress.json").unlink()
@@ -453,6 +465,14 @@ def build_token_cache(
     if counter.skipped:
         log.warning("token cache %s: %s", out_dir, counter.summary())
     return TokenCache(out_dir, fingerprint=fingerprint)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _load_progress(partial: Path, run_id: dict[str, Any]) -> dict[str, Any] | None:

@@ -364,7 +364,9 @@ class WebDatasetShards(IterableDataset):
         for shard in mine:
             try:
                 with _open_stream(shard) as stream:
+                    keys: set[str] = set()
                     for key, group in iter_tar_groups(stream, shard):
+                        keys.add(key)
                         if not by_shard:
                             position += 1
                             if (position - 1) % consumers != consumer:
@@ -373,14 +375,19 @@ class WebDatasetShards(IterableDataset):
                             yield sample_from_group(key, group, self.max_pixels, self.caption_key)
                         except BadImageError as e:
                             yield Skipped(f"{shard}:{e.key or key}", e.reason)
+                    if (hidden := _hidden_after_stream(shard, stream, keys)) and (by_shard or consumer == 0):
+                        error = "corrupt shard: an unreadable tar header hides the samples after it"
+                        yield Skipped(shard, _broken_shard_reason(shard, error, len(keys), hidden), hidden)
             except (tarfile.TarError, OSError, EOFError) as e:
-                yield Skipped(shard, f"corrupt or unreadable shard: {type(e).__name__}: {e}")
+                read, lost = samples_lost_in_shard(shard)
+                error = f"corrupt or unreadable shard: {type(e).__name__}: {e}"
+                yield Skipped(shard, _broken_shard_reason(shard, error, read, lost), lost)
 
     def __iter__(self) -> Iterator[Sample]:
         items = self._shuffled(self.iter_items()) if self.shuffle_buffer > 0 else self.iter_items()
         for item in items:
             if isinstance(item, Skipped):
-                self.skipped.skip(item.key, item.reason)
+                self.skipped.skip(item.key, item.reason, count=item.count)
             else:
                 self.skipped.ok()
                 yield item
@@ -440,11 +447,71 @@ def _index_tar(shard: str, file_size: int) -> tuple[list[tuple[str, dict[str, tu
                 if member.issparse():  # its data is not one byte range; never written by img2dataset
                     raise tarfile.ReadError(f"{member.name} is a GNU sparse member, which cannot be read by offset")
                 group[ext] = (member.offset_data, member.size)
+            end = tar.offset
     except (tarfile.TarError, OSError, EOFError) as e:
         return groups, f"corrupt or unreadable shard: {type(e).__name__}: {e}"
     if key is not None:
         groups.append((key, group))
+    # tarfile ends an archive quietly at a damaged header: samples past it would be lost unsaid.
+    if end + 1024 < file_size and _sample_keys_after(shard, end, file_size) - {k for k, _ in groups}:
+        return groups, f"corrupt shard: an unreadable tar header at byte {end} hides the samples after it"
     return groups, None
+
+
+def _sample_keys_after(shard: str, start: int, file_size: int) -> set[str]:
+    """Keys of the samples whose member headers lie at or after byte ``start`` of a local tar.
+
+    Used past the point where a shard breaks: every 512-byte block is tried as a tar
+    header (the checksum tells real ones from data), and a header's data is stepped over.
+    """
+    keys: set[str] = set()
+    offset = start - start % 512
+    with open(shard, "rb") as f:
+        while offset + 512 <= file_size:
+            f.seek(offset)
+            try:
+                member = tarfile.TarInfo.frombuf(f.read(512), "utf-8", "surrogateescape")
+            except tarfile.HeaderError:
+                offset += 512
+                continue
+            if (named := _tar_sample_member(member)) is not None:
+                keys.add(named[0])
+            offset += 512 + (member.size + 511) // 512 * 512
+    return keys
+
+
+def _hidden_after_stream(shard: str, stream: IO[bytes], read: set[str]) -> int:
+    """Samples of a local plain tar that a stream ended before (tarfile stops quietly at a damaged header)."""
+    if is_url(shard) or shard_compression(shard):
+        return 0
+    try:
+        position, size = stream.tell(), os.path.getsize(shard)
+    except (OSError, ValueError):
+        return 0
+    if position + 1024 >= size:
+        return 0
+    return len(_sample_keys_after(shard, max(0, position - 20 * 512), size) - read)
+
+
+def samples_lost_in_shard(shard: str) -> tuple[int, int]:
+    """``(samples read whole, samples lost)`` of a broken shard; lost counts at least the one cut.
+
+    A local uncompressed shard is indexed up to the break and scanned past it for the
+    headers of the samples that could not be read; elsewhere only the cut sample is known.
+    """
+    if is_url(shard) or shard_compression(shard) or not os.path.isfile(shard):
+        return 0, 1
+    size = os.path.getsize(shard)
+    groups, _ = _index_tar(shard, size)
+    read = {key for key, _ in groups}
+    end = max((at + n for _, group in groups for at, n in group.values()), default=0)
+    return len(groups), max(1, len(_sample_keys_after(shard, end, size) - read))
+
+
+def _broken_shard_reason(shard: str, error: str, read: int, lost: int, estimated: bool = False) -> str:
+    about = "about " if estimated else ""
+    return (f"{error}; {read} sample(s) read before the break, {about}{lost} lost (counted as bad items): "
+            f"fix or re-download {os.path.basename(shard)}")
 
 
 class IndexedShards(MapDataset):
@@ -502,12 +569,16 @@ class IndexedShards(MapDataset):
         self._keys: list[str] = []
         self._imageless: dict[int, list[str]] = {}  # index -> member extensions, for the "no image" message
         rows: list[tuple[int, ...]] = []
+        broken_shards: list[tuple[str, str, int]] = []
+        whole_counts: list[int] = []
         for s, shard in enumerate(self.shards):
             size = os.path.getsize(shard)
             self._sizes.append(size)
             groups, broken = _index_tar(shard, size)
             if broken:
-                self.skipped.skip(shard, broken, check=False)
+                broken_shards.append((shard, broken, len(groups)))
+            else:
+                whole_counts.append(len(groups))
             for key, group in groups:
                 image = next((e for e in _TAR_IMAGE_EXTS if e in group), None)
                 if image is None:
@@ -524,6 +595,12 @@ class IndexedShards(MapDataset):
                 "a WebDataset shard holds KEY.jpg|png|webp with KEY.txt and/or KEY.json"
             )
         self._rows = np.asarray(rows, dtype=np.int64).reshape(len(rows), 8)
+        typical = sorted(whole_counts)[len(whole_counts) // 2] if whole_counts else 0  # shards are usually equal
+        for shard, error, read in broken_shards:
+            _, found = samples_lost_in_shard(shard)
+            lost = max(found, typical - read)
+            self.skipped.skip(shard, _broken_shard_reason(shard, error, read, lost, estimated=lost > found),
+                              check=False, count=lost)
         if self.skipped.skipped:
             self.skipped.ok(len(self._keys))
             self.skipped.check(final=True)

@@ -1,15 +1,35 @@
 """Training the discrete VAE: one plain loop, read top to bottom.
 
-Schedules (the paper's shapes, scaled to the run's length ``total`` steps):
+The recipe is the paper's (Ramesh et al. 2021, appendix A.2), its schedules scaled to
+the run's length ``total`` steps.  The paper: "Several quantities are decayed during
+training, all of which use a cosine schedule"; and "The decay schedules for the
+relaxation temperature and the step size are especially important for stability and
+successful optimization."
 
-* learning rate: short linear warm-up, then cosine decay to zero (AdamW 0.9/0.999,
-  weight decay 1e-4);
-* Gumbel-softmax temperature: cosine from 1 to 1/16 over ``TEMPERATURE_FRACTION`` of
-  the run, then held (the paper anneals over its first 150k updates);
-* KL weight beta: cosine warm-up from 0 to ``config.dvae.kl_weight`` over
-  ``KL_WARMUP_FRACTION`` of the run (the paper: 0 -> 6.6 over its first 5k updates).
-  A loss without the KL early lets the encoder find informative codes before the
-  prior asks it to spread over the codebook.
+* KL weight beta: cosine warm-up from 0 to ``config.dvae.kl_weight`` (6.6, the paper's)
+  over ``train.dvae_kl_warmup_fraction`` of the run.  The paper raises beta "from 0 to
+  6.6 over the first 5000 updates" of 3M and finds that "increasing the KL weight to
+  beta = 6.6 promotes better codebook usage".  A loss without the KL early lets the
+  encoder find informative codes before the prior asks it to spread over the codebook.
+  What beta weighs: the paper divides the whole ELBO (reconstruction summed over the
+  256 x 256 x 3 pixel channels, KL summed over the 32 x 32 grid) by 256 x 256 x 3, "so
+  that the weight of the KL term becomes beta/192".  :meth:`dalle.dvae.DiscreteVAE.forward`
+  normalises the same way (sum over pixel channels and over the grid, divided by
+  ``3 H W``), so ``kl_weight`` is the paper's beta unchanged -- and with 8x down-sampling
+  the ratio ``3 H W / grid**2`` is 192 at every image size.  (With ``recon_loss="mse"``
+  the reconstruction is not a likelihood and beta has no such meaning.)
+* Gumbel-softmax temperature tau: cosine from 1 to 1/16 over
+  ``train.dvae_temperature_fraction`` of the run (default 5%: the paper anneals "from 1
+  to 1/16 over the first 150,000 updates" of 3M), then held.  "Using a linear annealing
+  schedule for this typically led to divergence."
+* step size: short linear warm-up to ``train.dvae_lr``, then cosine down to
+  ``dvae_lr * LR_END_RATIO`` (the paper: "from 1e-4 to 1.25e-6"; a ratio of 1/80)
+  at the end of the run; AdamW (0.9, 0.999, weight decay 1e-4 on weights, as the paper)
+  and an exponential moving average of the weights (``train.ema_decay``, the paper's
+  0.999), which is what gets evaluated and exported.
+* the decoder is fed the soft relaxation (``dvae.straight_through=False``, the paper's)
+  and codebook use is logged from the first step (the CSV's ``usage``/``perplexity``:
+  the posterior argmax over the batch).
 
 Exact resume: the batch of step ``s`` is a function of ``(seed, s)`` only, and the
 checkpoint holds weights, optimizer, weight average and random states, so an
@@ -76,8 +96,7 @@ from dalle.training.tensorboard import log_image
 
 TEMPERATURE_START = 1.0
 TEMPERATURE_END = 1.0 / 16  # the paper's final temperature
-TEMPERATURE_FRACTION = 0.8  # of the run spent annealing the temperature
-KL_WARMUP_FRACTION = 0.25  # of the run spent warming the KL weight up from 0
+LR_END_RATIO = 1.25e-6 / 1e-4  # the paper's step size ends at 1/80 of its start
 LR_WARMUP_FRACTION = 0.02
 ADAM_BETAS = (0.9, 0.999)
 WEIGHT_DECAY = 1e-4
@@ -330,12 +349,19 @@ def save_grid(images: Tensor, recons: Tensor, path: Path) -> None:
 # --- the loop ------------------------------------------------------------------------------
 
 
-def schedules(step: int, total: int, peak_lr: float, kl_weight: float) -> dict[str, float]:
-    """Learning rate, Gumbel temperature and KL weight of step ``step`` of a ``total``-step run."""
+def schedules(step: int, total: int, peak_lr: float, kl_weight: float, temperature_fraction: float = 0.05,
+              kl_warmup_fraction: float = 0.05) -> dict[str, float]:
+    """Learning rate, Gumbel temperature and KL weight of step ``step`` of a ``total``-step run.
+
+    All cosine (module docstring): the step size from ``peak_lr`` (after a 2% linear
+    warm-up) to ``peak_lr * LR_END_RATIO`` at ``total``; the temperature from 1 to 1/16
+    over ``temperature_fraction`` of the run; the KL weight from 0 to ``kl_weight`` over
+    ``kl_warmup_fraction`` of it.
+    """
     return {
-        "lr": warmup_cosine(step, total, max(1, int(LR_WARMUP_FRACTION * total)), peak_lr, 0.0),
-        "temperature": cosine(step, int(TEMPERATURE_FRACTION * total), TEMPERATURE_START, TEMPERATURE_END),
-        "kl_weight": cosine(step, int(KL_WARMUP_FRACTION * total), 0.0, kl_weight),
+        "lr": warmup_cosine(step, total, max(1, int(LR_WARMUP_FRACTION * total)), peak_lr, peak_lr * LR_END_RATIO),
+        "temperature": cosine(step, int(temperature_fraction * total), TEMPERATURE_START, TEMPERATURE_END),
+        "kl_weight": cosine(step, int(kl_warmup_fraction * total), 0.0, kl_weight),
     }
 
 
@@ -557,7 +583,8 @@ def train_dvae(
     bar = _progress(step, end, progress and main)
     try:
         while step < end:
-            s = schedules(step, total, tcfg.dvae_lr, dcfg.kl_weight)
+            s = schedules(step, total, tcfg.dvae_lr, dcfg.kl_weight, tcfg.dvae_temperature_fraction,
+                          tcfg.dvae_kl_warmup_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = s["lr"]
             images = batch_for_step(dataset, seed, step, batch_size, size, shard).to(device)
@@ -582,7 +609,7 @@ def train_dvae(
                 time_up = dd.any_rank(time_up, info)  # every rank must stop at the same step
             last = step == end or time_up
 
-            if step % log_every == 0 or step % sample_every == 0 or last:
+            if step % log_every == 0 or step % sample_every == 0 or last or step == 1:  # code use from step 1
                 row = {k: round(float(v), 5) for k, v in metrics.items() if k in CSV_FIELDS}
                 row.update(step=step, loss=round(float(loss.detach()), 5), seconds=round(
                     elapsed_before + time.perf_counter() - start_time, 1), **{k: round(v, 6) for k, v in s.items()})

@@ -152,6 +152,7 @@ async function run(submit) {
     if (job.state === "error") throw new Error(job.error);
     setStatus(`${job.results.length} image(s) in ${job.elapsed.toFixed(1)} s · seed ${job.seed}`, 1);
     showResults(job);
+    if (job.warning) showError(`note: ${job.warning}`);
   } catch (err) {
     setStatus(null);
     showError(err.message);

@@ -46,9 +46,18 @@ def test_schedules_scale_with_the_run():
         start, end = schedules(0, total, 1e-3, 6.6), schedules(total, total, 1e-3, 6.6)
         assert start["temperature"] == pytest.approx(1.0) and end["temperature"] == pytest.approx(1 / 16)
         assert start["kl_weight"] == pytest.approx(0.0) and end["kl_weight"] == pytest.approx(6.6)
-        assert end["lr"] == pytest.approx(0.0, abs=1e-12)
+        assert end["lr"] == pytest.approx(1e-3 / 80)  # the paper's 1e-4 -> 1.25e-6
+        # The paper's shares: temperature and KL weight reach their final values at 5% of the run.
+        early = schedules(total // 40, total, 1e-3, 6.6)
+        assert 1 / 16 < early["temperature"] < 1.0 and 0.0 < early["kl_weight"] < 6.6
+        done = schedules(total // 20, total, 1e-3, 6.6)
+        assert done["temperature"] == pytest.approx(1 / 16) and done["kl_weight"] == pytest.approx(6.6)
         mid = schedules(total // 2, total, 1e-3, 6.6)
-        assert 1 / 16 < mid["temperature"] < 1.0 and 0.0 < mid["lr"] < 1e-3
+        assert mid["temperature"] == pytest.approx(1 / 16) and 1e-3 / 80 < mid["lr"] < 1e-3
+    # Cosine, not linear: half way through the anneal the temperature is the mean of its ends,
+    # and a quarter of the way it has moved only 15% of the way.
+    assert schedules(250, 10_000, 1e-3, 6.6)["temperature"] == pytest.approx((1 + 1 / 16) / 2)
+    assert schedules(125, 10_000, 1e-3, 6.6)["temperature"] == pytest.approx(1 - (1 - 1 / 16) * 0.1464, rel=1e-3)
 
 
 def test_training_writes_model_log_samples_and_checkpoints(tmp_path, data):
@@ -89,7 +98,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, data, qua
         if k.startswith("module."):
             assert torch.equal(ca[k], cb[k]), k
     steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "cut" / "logs" / "dvae.csv"))]
-    assert steps == [2, 4, 5, 6, 8, 10]  # the interrupted run's rows are kept, none duplicated
+    assert steps == [1, 2, 4, 5, 6, 8, 10]  # the interrupted run's rows are kept, none duplicated (1: code use from the start)
 
 
 def test_evaluate_dvae_reports_psnr_and_code_use(data):
@@ -134,8 +143,9 @@ def test_held_out_tail_is_logged_and_reported(tmp_path, data):
     cfg = small_config("vq")
     train_dvae(train, tmp_path, cfg, steps=4, log_every=2, sample_every=2, progress=False)
     rows = list(csv.DictReader(open(tmp_path / "logs" / "dvae.csv")))
-    assert [r["step"] for r in rows] == ["2", "4"]
-    for r in rows:
+    assert [r["step"] for r in rows] == ["1", "2", "4"]
+    assert not rows[0]["val_psnr"] and float(rows[0]["usage"]) > 0  # step 1: the batch's code use, no evaluation
+    for r in rows[1:]:
         assert r["val_psnr"] == r["eval_psnr"] and r["val_usage"] == r["eval_usage"]  # older readers: validation
         assert float(r["val_psnr"]) > 0 and float(r["train_psnr"]) > 0 and float(r["mean_loss"]) > 0
     fit = json.loads((tmp_path / "logs" / "dvae_fit.json").read_text())
