@@ -1,7 +1,7 @@
 """Which token grid and codebook size serve 64 px real images: equal-wall-clock dVAE runs.
 
 Each variant starts from the ``shapes`` preset's dVAE (VQ, MSE) and changes the fields
-given on its line below; it trains with ``dalle.training.dvae.train_dvae`` on a folder set
+given on its line below (as ``dalle train --set`` would); it trains with ``dalle.training.dvae.train_dvae`` on a folder set
 (``--data``) for ``--minutes`` of wall clock, holding out the data set's validation split
 (the last items in file-name order, the split every ``dalle train`` stage uses).  Then its
 exported weights are measured on those held-out images:
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from dalle.config import get_preset
+from dalle.config import apply_overrides, get_preset
 from dalle.data import FolderDataset
 from dalle.dvae import DiscreteVAE
 from dalle.training.dvae import evaluate_dvae, train_dvae
@@ -41,28 +41,27 @@ from dalle.training.state import holdout
 
 RESULTS = Path(__file__).parent / "results" / "dvae_grid"
 
-# name -> dvae/train overrides of the shapes preset.  g = token grid side at 64 px
-# (8: 8x down-sampling, num_groups 4; 16: 4x, num_groups 3), k = codebook size,
-# w = hidden width (the full-resolution group's channels).
-VARIANTS: dict[str, dict[str, dict]] = {
-    "g8_k512_w16": {"dvae": dict(num_groups=4, width_multipliers=(1, 2, 4, 8), codebook_size=512, hidden_width=16)},
-    "g8_k1024_w32": {"dvae": dict(num_groups=4, width_multipliers=(1, 2, 4, 8), codebook_size=1024, hidden_width=32)},
-    "g16_k512_w32": {"dvae": dict(num_groups=3, width_multipliers=(1, 2, 4), codebook_size=512, hidden_width=32)},
-    "g16_k1024_w32": {"dvae": dict(num_groups=3, width_multipliers=(1, 2, 4), codebook_size=1024, hidden_width=32)},
-    "g16_k2048_w32": {"dvae": dict(num_groups=3, width_multipliers=(1, 2, 4), codebook_size=2048, hidden_width=32)},
-    "g16_k1024_w48": {"dvae": dict(num_groups=3, width_multipliers=(1, 2, 4), codebook_size=1024, hidden_width=48)},
-    "g16_k1024_w32_b2": {"dvae": dict(num_groups=3, width_multipliers=(1, 2, 4), codebook_size=1024, hidden_width=32,
-                                      blocks_per_group=2)},
+# name -> ``--set`` overrides of the shapes preset (copies such as the transformer's image grid
+# follow, as with ``dalle train --set``).  g = token grid side at 64 px (8: 8x down-sampling,
+# num_groups 4; 16: 4x, num_groups 3), k = codebook size, w = hidden width (the full-resolution
+# group's channels), b2 = 2 residual blocks a group.  decoder_init_width=0: the dVAE layout the
+# saved figures were measured with (before the decoder's 128-channel input convolution).
+_BASE = ["dvae.decoder_init_width=0"]
+VARIANTS: dict[str, list[str]] = {
+    "g8_k512_w16": _BASE + ["dvae.num_groups=4", "dvae.codebook_size=512", "dvae.hidden_width=16"],
+    "g8_k1024_w32": _BASE + ["dvae.num_groups=4", "dvae.codebook_size=1024", "dvae.hidden_width=32"],
+    "g16_k512_w32": _BASE + ["dvae.num_groups=3", "dvae.codebook_size=512", "dvae.hidden_width=32"],
+    "g16_k1024_w32": _BASE + ["dvae.num_groups=3", "dvae.codebook_size=1024", "dvae.hidden_width=32"],
+    "g16_k2048_w32": _BASE + ["dvae.num_groups=3", "dvae.codebook_size=2048", "dvae.hidden_width=32"],
+    "g16_k1024_w48": _BASE + ["dvae.num_groups=3", "dvae.codebook_size=1024", "dvae.hidden_width=48"],
+    "g16_k1024_w32_b2": _BASE + ["dvae.num_groups=3", "dvae.codebook_size=1024", "dvae.hidden_width=32",
+                                 "dvae.blocks_per_group=2"],
 }
 
 
 def variant_config(name: str):
-    cfg = get_preset("shapes")
-    for section, fields in VARIANTS[name].items():
-        for key, value in fields.items():
-            setattr(getattr(cfg, section), key, value)
-    cfg.dvae.__post_init__()
-    return cfg
+    config, _ = apply_overrides(get_preset("shapes"), VARIANTS[name])
+    return config
 
 
 def run(name: str, data: str, minutes: float | None, threads: int, steps: int | None = None) -> dict:
