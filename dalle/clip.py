@@ -329,18 +329,9 @@ def load_reranker(folder: str | Path, device: str | torch.device = "cpu") -> nn.
     A converted OpenAI CLIP's config says ``"architecture": "openai-clip"``; it brings its
     own tokenizer (``.tokenizer``), which :func:`reranker_text` uses.
     """
-    import json
+    from dalle.io import folder_architecture
 
-    from dalle.io import CONFIG_NAME, ModelLoadError
-
-    path = Path(folder) / CONFIG_NAME
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"missing config file {path}") from None
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
-    if isinstance(data, dict) and data.get("architecture") == "openai-clip":
+    if folder_architecture(folder) == "openai-clip":
         from dalle.openai_clip import OpenAICLIP
 
         return OpenAICLIP.from_pretrained(folder, device=device)

@@ -563,18 +563,9 @@ def load_image_tokenizer(folder: str | Path, device: str | torch.device = "cpu")
     vqgan``); it has the same interface (``encode``, ``decode``, ``grid_size``,
     ``codebook_size``, ``config.image_size``).
     """
-    import json
+    from dalle.io import folder_architecture
 
-    from dalle.io import CONFIG_NAME, ModelLoadError
-
-    path = Path(folder) / CONFIG_NAME
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"missing config file {path}") from None
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
-    if isinstance(data, dict) and data.get("architecture") == "taming-vqgan":
+    if folder_architecture(folder) == "taming-vqgan":
         from dalle.vqgan import VQGAN
 
         return VQGAN.from_pretrained(folder, device=device)

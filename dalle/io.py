@@ -345,3 +345,9 @@ def read_json(path: str | Path) -> Any:
         raise ModelLoadError(f"missing file {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({e})") from None
+
+
+def folder_architecture(folder: str | Path) -> str | None:
+    """The ``"architecture"`` a component folder's config names (a converted part), or None for ours."""
+    data = read_json(Path(folder) / CONFIG_NAME)
+    return data.get("architecture") if isinstance(data, dict) else None
