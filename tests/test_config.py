@@ -112,3 +112,12 @@ def test_user_presets_tokens_and_sizes():
         cfg = get_preset(name)
         assert (cfg.dvae.image_size, cfg.dvae.grid_size, cfg.dvae.codebook_size) == (size, grid, codes), name
     assert get_preset("small-64").dvae.hidden_width == 32
+
+
+def test_shapes_preset_uses_the_papers_attention_schedule():
+    """The bundled model's preset follows figure 11: row, row, column and a convolutional last layer."""
+    from dalle.attention_masks import layer_schedule
+
+    t = get_preset("shapes").transformer
+    assert t.attention == "sparse"
+    assert layer_schedule(t.n_layers, t.attention) == ["row", "row", "column", "conv"]
